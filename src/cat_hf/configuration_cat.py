@@ -1,0 +1,219 @@
+"""CAT model configuration.
+
+Every architecture choice of the authors' code is a field here, named as transformers names it, so that a
+converted checkpoint and a model trained with this package describe themselves the same way. The
+pretraining fields (masking, decoder, teacher, Representation Regularization) live here too: they are the
+single source of truth that the mask generator, `CATForPreTraining` and the training recipes read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+# Named architectures. cat-base is the paper's main model (88.8 M parameters with the multi-resolution stem).
+CAT_PRESETS: dict[str, dict] = {
+    # A CPU-sized model for the demo, tests and the tiny recipes.
+    "cat-tiny": dict(
+        hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+        stem_channels=[64, 128], stem_depths=[1, 1],
+    ),
+    "cat-small": dict(
+        hidden_size=384, num_hidden_layers=11, num_attention_heads=6,
+        stem_channels=[256, 384], stem_depths=[2, 2],
+    ),
+    "cat-base": dict(
+        hidden_size=768, num_hidden_layers=11, num_attention_heads=12,
+        stem_channels=[256, 384], stem_depths=[2, 2],
+    ),
+    "cat-large": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+        stem_channels=[256, 384], stem_depths=[2, 2],
+    ),
+}
+
+
+@strict
+class CATConfig(PreTrainedConfig):
+    r"""
+    Configuration of a CAT (Convolutional Audio Transformer) encoder, its classifier and its pretraining model.
+
+    Input: log-mel spectrograms of shape (batch, frames, `num_mel_bins`) cut into `patch_size` x `patch_size`
+    patches, flattened time-major (token `8 t + f` for 128 mel bins).
+
+    Args:
+        hidden_size: width D of the transformer.
+        num_hidden_layers: number of post-LN transformer blocks.
+        num_attention_heads: attention heads; must divide `hidden_size`.
+        mlp_ratio: MLP width of the blocks as a multiple of `hidden_size`.
+        layer_norm_eps: eps of the context LayerNorm, the blocks and the classifier's fc_norm (1e-6).
+        stem_layer_norm_eps: eps of every LayerNorm in the convolutional stem, the decoder and the target
+            normalisation (1e-5, PyTorch's default, as in the original).
+        stem_type: "multires" (the paper's multi-resolution convolutional stem) or "patch" (the EAT-style single
+            16x16 convolution).
+        stem_strides: per-stage downsampling of the multi-resolution stem; their product is `patch_size`.
+            The paper's stem is [4, 2, 2]: stages at resolutions 4, 8 and 16.
+        stem_channels: channels of every stage but the last (the last has `hidden_size`).
+        stem_depths: CBlocks after every stage but the last.
+        stem_mlp_ratio: MLP width of the CBlocks as a multiple of their channels.
+        stem_kernel_size: kernel of the CBlocks' depthwise convolution.
+        patch_size: side of the square patches (token grid stride), 16.
+        num_mel_bins: frequency bins of the input.
+        num_extra_tokens: learned tokens prepended to the patches (token 0 is the CLS / utterance token).
+        max_time_patches: time patches covered by the fixed sin-cos positional table (768 -> 12288 frames).
+        pooling: "cls" (the original's CLS_TOKEN mode) or "mean" (mean of the patch tokens).
+        use_fc_norm: LayerNorm before the classification head.
+        drop_path_rate: stochastic depth, rising linearly over the blocks to this value.
+        attention_dropout / hidden_dropout: dropout in attention probabilities and after projections.
+        initializer_range: std of the truncated-normal init of linear layers.
+        mask_ratio, mask_length, mask_ratio_adjust, clone_batch, mask_noise_std: inverse block masking of
+            pretraining (ratio of masked tokens, block side, over-sampling of block centres, masked copies per
+            clip, std of the decoder's noise tokens).
+        decoder_layers, decoder_kernel_size, decoder_groups: the 2-D CNN decoder of pretraining.
+        average_top_k_layers: teacher blocks averaged into the targets (None: all blocks).
+        instance_norm_target_layer / layer_norm_targets: normalisation of teacher targets.
+        frame_loss_weight / utterance_loss_weight: weights of the masked-frame regression and the CLS loss.
+        rr_embedding_dim: size of the external encoder's embedding for Representation Regularization
+            (None: no RR projector).
+        rr_loss_type: "mse", "cosine" or "l1". rr_loss_weight: its weight.
+        ema_decay, ema_end_decay, ema_anneal_end_step: teacher decay rises linearly from `ema_decay` to
+            `ema_end_decay` over `ema_anneal_end_step` updates, then holds.
+    """
+
+    model_type = "cat"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 11
+    num_attention_heads: int = 12
+    mlp_ratio: float = 4.0
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    stem_layer_norm_eps: float = 1e-5
+    stem_type: Literal["multires", "patch"] = "multires"
+    stem_strides: list[int] | None = None
+    stem_channels: list[int] | None = None
+    stem_depths: list[int] | None = None
+    stem_mlp_ratio: float = 4.0
+    stem_kernel_size: int = 5
+    patch_size: int = 16
+    num_mel_bins: int = 128
+    num_extra_tokens: int = 1
+    max_time_patches: int = 768
+    pooling: Literal["cls", "mean"] = "cls"
+    use_fc_norm: bool = True
+    drop_path_rate: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    initializer_range: float = 0.02
+    # pretraining
+    mask_ratio: float = 0.8
+    mask_length: int = 5
+    mask_ratio_adjust: float = 0.07
+    clone_batch: int = 4
+    mask_noise_std: float = 0.01
+    decoder_layers: int = 6
+    decoder_kernel_size: int = 3
+    decoder_groups: int = 16
+    average_top_k_layers: int | None = None
+    instance_norm_target_layer: bool = True
+    layer_norm_targets: bool = True
+    frame_loss_weight: float = 1.0
+    utterance_loss_weight: float = 1.0
+    rr_embedding_dim: int | None = 512
+    rr_loss_type: Literal["mse", "cosine", "l1"] = "mse"
+    rr_loss_weight: float = 1.0
+    ema_decay: float = 0.9998
+    ema_end_decay: float = 0.99999
+    ema_anneal_end_step: int = 100000
+
+    def __post_init__(self, **kwargs):
+        if self.stem_strides is None:
+            self.stem_strides = [4, 2, 2]
+        if self.stem_channels is None:
+            self.stem_channels = [256, 384]
+        if self.stem_depths is None:
+            self.stem_depths = [2, 2]
+        self.stem_strides = [int(s) for s in self.stem_strides]
+        self.stem_channels = [int(c) for c in self.stem_channels]
+        self.stem_depths = [int(d) for d in self.stem_depths]
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Reject inconsistent architectures with a message that says which field to change."""
+        for name, allowed in (("stem_type", ("multires", "patch")), ("pooling", ("cls", "mean")),
+                              ("rr_loss_type", ("mse", "cosine", "l1"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {allowed}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); choose a head count that divides it."
+            )
+        if self.num_mel_bins % self.patch_size != 0:
+            raise ValueError(
+                f"num_mel_bins ({self.num_mel_bins}) must be a multiple of patch_size ({self.patch_size})."
+            )
+        if self.stem_type == "multires":
+            stages = len(self.stem_strides)
+            if stages < 2:
+                raise ValueError(
+                    f"stem_strides {self.stem_strides} needs at least two stages for the multi-resolution stem; "
+                    "use stem_type='patch' for a single 16x16 patch convolution."
+                )
+            if math.prod(self.stem_strides) != self.patch_size:
+                raise ValueError(
+                    f"stem_strides {self.stem_strides} multiply to {math.prod(self.stem_strides)}, "
+                    f"but must multiply to patch_size ({self.patch_size})."
+                )
+            for name in ("stem_channels", "stem_depths"):
+                value = getattr(self, name)
+                if len(value) != stages - 1:
+                    raise ValueError(
+                        f"{name} {value} has {len(value)} entries but stem_strides {self.stem_strides} has "
+                        f"{stages} stages: give one entry per stage except the last ({stages - 1})."
+                    )
+            if any(c <= 0 for c in self.stem_channels) or any(d < 0 for d in self.stem_depths):
+                raise ValueError(f"stem_channels must be positive and stem_depths non-negative, got "
+                                 f"{self.stem_channels} and {self.stem_depths}.")
+        if self.num_extra_tokens < 1:
+            raise ValueError("num_extra_tokens must be >= 1: token 0 is the CLS (utterance) token.")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
+        if self.mask_length < 1:
+            raise ValueError(f"mask_length must be >= 1, got {self.mask_length}.")
+        if self.average_top_k_layers is not None and not 1 <= self.average_top_k_layers <= self.num_hidden_layers:
+            raise ValueError(
+                f"average_top_k_layers ({self.average_top_k_layers}) must be between 1 and num_hidden_layers "
+                f"({self.num_hidden_layers}), or None for all blocks."
+            )
+        if self.hidden_size % self.decoder_groups != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by decoder_groups ({self.decoder_groups})."
+            )
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def frequency_patches(self) -> int:
+        return self.num_mel_bins // self.patch_size
+
+    @property
+    def max_frames(self) -> int:
+        """Longest input (in frames) the positional table covers."""
+        return self.max_time_patches * self.patch_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CATConfig":
+        """A named architecture (`cat-tiny`, `cat-small`, `cat-base`, `cat-large`) with optional overrides."""
+        if name not in CAT_PRESETS:
+            raise ValueError(f"Unknown CAT preset {name!r}; choose one of {sorted(CAT_PRESETS)}.")
+        return cls(**{**CAT_PRESETS[name], **overrides})
+
+
+__all__ = ["CATConfig", "CAT_PRESETS"]

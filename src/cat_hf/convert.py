@@ -1,0 +1,363 @@
+"""Convert the authors' fairseq CAT checkpoints into Hugging Face folders.
+
+Reads pretraining checkpoints (student in fp16, EMA teacher under `model["_ema"]`) and finetuning checkpoints
+(backbone under `model.`, plus `fc_norm` and `head`), of either stem (multi-resolution or EAT-style single patch),
+any width and depth, with `torch.load(weights_only=True)`: fairseq is not needed. The architecture is read from the
+checkpoint's `cfg` and from the weights' shapes; the feature extractor's statistics and target length from its
+task config. The output folder is written under a temporary name and renamed, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .configuration_cat import CATConfig
+from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
+from .modeling_cat import CATForAudioClassification, CATForPreTraining, CATModel
+
+
+class CheckpointConversionError(ValueError):
+    """The file is not a CAT checkpoint this converter understands, or its weights do not fit the architecture."""
+
+
+_ENCODER = "modality_encoders.IMAGE."
+# Original key (relative to the modality encoder) -> our key (relative to CATModel.embeddings).
+_EMBEDDING_RULES = [
+    (r"extra_tokens", "cls_token"),
+    (r"fixed_positional_encoder\.positions", "position_embeddings"),
+    (r"context_encoder\.norm\.(weight|bias)", r"context_norm.\1"),
+    (r"local_encoder\.proj\.(weight|bias)", r"stem.proj.\1"),
+    (r"patch_embed\.(\d+)\.proj\.(weight|bias)", r"stem.downsamples.\1.conv.\2"),
+    (r"patch_embed\.(\d+)\.norm\.(weight|bias)", r"stem.downsamples.\1.norm.\2"),
+    (r"patch_embed\.(\d+)\.(weight|bias)", r"stem.token_proj.\2"),  # the Linear after the last stage
+    (r"conv_blocks\.(\d+)\.(\d+)\.norm1\.(weight|bias)", r"stem.blocks.\1.\2.norm1.\3"),
+    (r"conv_blocks\.(\d+)\.(\d+)\.conv1\.(weight|bias)", r"stem.blocks.\1.\2.pw_in.\3"),
+    (r"conv_blocks\.(\d+)\.(\d+)\.attn\.(weight|bias)", r"stem.blocks.\1.\2.dw_conv.\3"),
+    (r"conv_blocks\.(\d+)\.(\d+)\.conv2\.(weight|bias)", r"stem.blocks.\1.\2.pw_out.\3"),
+    (r"conv_blocks\.(\d+)\.(\d+)\.norm2\.(weight|bias)", r"stem.blocks.\1.\2.norm2.\3"),
+    (r"conv_blocks\.(\d+)\.(\d+)\.mlp\.fc1\.(weight|bias)", r"stem.blocks.\1.\2.mlp_in.\3"),
+    (r"conv_blocks\.(\d+)\.(\d+)\.mlp\.fc2\.(weight|bias)", r"stem.blocks.\1.\2.mlp_out.\3"),
+    (r"stage_output_decode\.(\d+)\.(weight|bias)", r"stem.stage_projections.\1.\2"),
+]
+_BLOCK_RULES = [
+    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"layers.\1.norm1.\2"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"layers.\1.norm2.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"layers.\1.attention.o_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"layers.\1.mlp.fc1.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"layers.\1.mlp.fc2.\2"),
+]
+_QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)")
+_DECODER_RULES = [
+    (r"decoder\.blocks\.(\d+)\.0\.(weight|bias)", r"decoder.convs.\1.\2"),
+    (r"decoder\.proj\.(weight|bias)", r"decoder.proj.\1"),
+]
+
+
+def load_original_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a fairseq checkpoint without fairseq, and check that it looks like one of CAT's."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointConversionError(f"{path} does not exist or is not a file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise CheckpointConversionError(
+            f"{path} is not a checkpoint torch.load(weights_only=True) can read ({type(error).__name__}: {error}). "
+            "Pass the .pt file written by the authors' fairseq trainer."
+        ) from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "cfg" not in checkpoint:
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointConversionError(
+            f"{path} is not a fairseq CAT checkpoint: expected a dict with 'model' and 'cfg', found {found}."
+        )
+    if not isinstance(checkpoint["cfg"], dict) or "model" not in checkpoint["cfg"]:
+        raise CheckpointConversionError(f"{path}: checkpoint['cfg'] has no 'model' section; cannot infer the config.")
+    return checkpoint
+
+
+def _checkpoint_kind(checkpoint: dict) -> str:
+    keys = checkpoint["model"].keys()
+    if any(k.startswith("model." + _ENCODER) for k in keys):
+        return "finetuning"
+    if any(k.startswith(_ENCODER) for k in keys):
+        return "pretraining"
+    raise CheckpointConversionError(
+        f"no '{_ENCODER}*' weights found (first keys: {list(keys)[:5]}); this is not a CAT/EAT checkpoint."
+    )
+
+
+def _pretraining_model_cfg(checkpoint: dict, kind: str) -> dict:
+    cfg = checkpoint["cfg"]["model"]
+    if kind == "finetuning":
+        args = cfg.get("pretrained_model_args") or {}
+        cfg = args.get("model", args)
+        if not cfg:
+            raise CheckpointConversionError("finetuning checkpoint without cfg.model.pretrained_model_args.")
+    return cfg
+
+
+def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfig:
+    """Build the CATConfig from the checkpoint's cfg, with the stem read off the weights' shapes."""
+    model_cfg = _pretraining_model_cfg(checkpoint, kind)
+    image = (model_cfg.get("modalities") or {}).get("image") or {}
+    decoder = image.get("decoder") or {}
+    if model_cfg.get("layer_norm_first", False):
+        raise CheckpointConversionError("layer_norm_first=true (pre-LN) checkpoints are not CAT/EAT; not supported.")
+    if model_cfg.get("loss_beta", 0.0):
+        raise CheckpointConversionError(f"loss_beta={model_cfg['loss_beta']} (smooth L1) is not supported.")
+
+    hidden = int(model_cfg["embed_dim"])
+    fields = dict(
+        hidden_size=hidden,
+        num_hidden_layers=int(model_cfg["depth"]),
+        num_attention_heads=int(model_cfg["num_heads"]),
+        mlp_ratio=float(model_cfg.get("mlp_ratio", 4.0)),
+        layer_norm_eps=float(model_cfg.get("norm_eps", 1e-6)),
+        num_extra_tokens=int(image.get("num_extra_tokens", 1)),
+        patch_size=int(image.get("patch_size", 16)),
+        mask_ratio=float(image.get("mask_prob", 0.8)),
+        mask_length=int(image.get("mask_length", 5)),
+        mask_ratio_adjust=float(image.get("mask_prob_adjust", 0.07)),
+        mask_noise_std=float(image.get("mask_noise_std", 0.01)),
+        clone_batch=int(model_cfg.get("clone_batch", 1)),
+        decoder_layers=int(decoder.get("decoder_layers", 6)),
+        decoder_kernel_size=int(decoder.get("decoder_kernel", 3)),
+        decoder_groups=int(decoder.get("decoder_groups", 16)),
+        average_top_k_layers=int(model_cfg.get("average_top_k_layers") or model_cfg["depth"]),
+        instance_norm_target_layer=bool(model_cfg.get("instance_norm_target_layer", True)),
+        layer_norm_targets=bool(model_cfg.get("layer_norm_targets", True)),
+        frame_loss_weight=float(model_cfg.get("d2v_loss", 1.0)),
+        utterance_loss_weight=float(model_cfg.get("cls_loss", 1.0)),
+        rr_loss_weight=float(model_cfg.get("clap_loss", 0.0)),
+        rr_loss_type=str(model_cfg.get("clap_loss_type", "mse")),
+        ema_decay=float(model_cfg.get("ema_decay", 0.9998)),
+        ema_end_decay=float(model_cfg.get("ema_end_decay", 0.99999)),
+        ema_anneal_end_step=int(model_cfg.get("ema_anneal_end_step", 100000)),
+        drop_path_rate=float(model_cfg.get("end_drop_path_rate", 0.0)),
+    )
+    if decoder.get("decoder_dim", hidden) != hidden:
+        raise CheckpointConversionError(f"decoder_dim {decoder['decoder_dim']} != embed_dim {hidden} is not supported.")
+
+    prefix = ("model." if kind == "finetuning" else "") + _ENCODER
+    encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    positions = encoder.get("fixed_positional_encoder.positions")
+    if positions is None:
+        raise CheckpointConversionError("missing key 'modality_encoders.IMAGE.fixed_positional_encoder.positions'.")
+    fields["max_time_patches"] = positions.shape[1] // (128 // fields["patch_size"])
+    if "local_encoder.proj.weight" in encoder:
+        fields["stem_type"] = "patch"
+    else:
+        stages = sorted({int(m.group(1)) for k in encoder if (m := re.match(r"patch_embed\.(\d+)\.proj\.weight", k))})
+        if not stages:
+            raise CheckpointConversionError("neither a multi-resolution stem (patch_embed.*) nor a patch stem "
+                                            "(local_encoder.proj) found in the checkpoint.")
+        weights = [encoder[f"patch_embed.{i}.proj.weight"] for i in stages]
+        fields["stem_type"] = "multires"
+        fields["stem_strides"] = [int(w.shape[-1]) for w in weights]
+        fields["stem_channels"] = [int(w.shape[0]) for w in weights[:-1]]
+        fields["stem_depths"] = [
+            len({int(m.group(1)) for k in encoder if (m := re.match(rf"conv_blocks\.{i}\.(\d+)\.", k))})
+            for i in stages[:-1]
+        ]
+        first_block = encoder.get("conv_blocks.0.0.mlp.fc1.weight")
+        if first_block is not None:
+            fields["stem_mlp_ratio"] = first_block.shape[0] / first_block.shape[1]
+            fields["stem_kernel_size"] = int(encoder["conv_blocks.0.0.attn.weight"].shape[-1])
+    rr = state.get("clap_proj.weight", state.get("model.clap_proj.weight"))
+    fields["rr_embedding_dim"] = int(rr.shape[0]) if rr is not None else None
+
+    if kind == "finetuning":
+        ft = checkpoint["cfg"]["model"]
+        mode = str(ft.get("prediction_mode", "CLS_TOKEN")).split(".")[-1]
+        if mode not in ("CLS_TOKEN", "MEAN_POOLING"):
+            raise CheckpointConversionError(f"prediction_mode {mode} is not supported (CLS_TOKEN or MEAN_POOLING).")
+        labels = (checkpoint.get("task_state") or {}).get("labels") or {}
+        num_classes = int(ft["num_classes"])
+        id2label = {int(index): str(name) for name, index in labels.items()} if labels else {
+            i: f"LABEL_{i}" for i in range(num_classes)}
+        if sorted(id2label) != list(range(num_classes)):
+            raise CheckpointConversionError(f"task_state labels do not cover classes 0..{num_classes - 1}.")
+        single = bool(ft.get("esc50_eval") or ft.get("spcv2_eval"))
+        fields.update(
+            pooling="cls" if mode == "CLS_TOKEN" else "mean",
+            use_fc_norm=bool(ft.get("use_fc_norm", True)),
+            drop_path_rate=float(ft.get("drop_path_rate", 0.0)),
+            id2label=id2label,
+            label2id={name: i for i, name in id2label.items()},
+            problem_type="single_label_classification" if single else "multi_label_classification",
+        )
+    try:
+        return CATConfig(**fields)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointConversionError(f"the checkpoint's architecture is inconsistent: {error}") from error
+
+
+def feature_extractor_from_checkpoint(checkpoint: dict) -> CATFeatureExtractor:
+    """Statistics from the task's dataset flags (ESC-50 / Speech Commands / AudioSet), length from target_length."""
+    task = checkpoint["cfg"].get("task") or {}
+    model = checkpoint["cfg"].get("model") or {}
+    flag = lambda name: bool(task.get(name) or model.get(name))  # noqa: E731
+    preset = "esc50" if flag("esc50_eval") else "speechcommands" if flag("spcv2_eval") else "audioset"
+    stats = FEATURE_PRESETS[preset]
+    target_length = int(task.get("target_length") or model.get("target_length") or stats["max_length"])
+    return CATFeatureExtractor(**{**stats, "max_length": target_length})
+
+
+def _rename(key: str, rules) -> str | None:
+    for pattern, replacement in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def encoder_state_dict(state: dict, prefix: str = "") -> tuple[dict, list[str]]:
+    """Our CATModel state dict from an original one (keys under `prefix`); returns (converted, unused keys)."""
+    converted, unused = {}, []
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            unused.append(key)
+            continue
+        name = key[len(prefix):]
+        value = value.float() if value.is_floating_point() else value
+        if name.startswith(_ENCODER) and (new := _rename(name[len(_ENCODER):], _EMBEDDING_RULES)):
+            if re.fullmatch(r"stem\.blocks\.\d+\.\d+\.(pw_in|pw_out|mlp_in|mlp_out)\.weight", new):
+                value = value.flatten(1)  # 1x1 convolution -> linear
+            converted["embeddings." + new] = value
+        elif m := _QKV.fullmatch(name):
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                converted[f"layers.{m.group(1)}.attention.{part}.{m.group(2)}"] = chunk.clone()
+        elif new := _rename(name, _BLOCK_RULES):
+            converted[new] = value
+        else:
+            unused.append(key)
+    return converted, unused
+
+
+def _load_strict(model: torch.nn.Module, state: dict, what: str) -> None:
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointConversionError(
+            f"{what}: the checkpoint does not fit the inferred architecture. Missing keys: {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}; unexpected keys: {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}."
+        )
+    for key, value in model.state_dict().items():
+        if value.shape != state[key].shape:
+            raise CheckpointConversionError(f"{what}: {key} has shape {tuple(state[key].shape)} in the checkpoint "
+                                            f"but {tuple(value.shape)} in the model.")
+    model.load_state_dict(state, strict=True)
+
+
+def _reject_leftovers(unused: list[str], allowed: tuple[str, ...], what: str) -> None:
+    leftovers = [k for k in unused if not any(re.fullmatch(p, k) for p in allowed)]
+    if leftovers:
+        raise CheckpointConversionError(f"{what}: unexpected keys in the checkpoint: {leftovers[:20]}"
+                                        f"{' ...' if len(leftovers) > 20 else ''}.")
+
+
+def build_model(checkpoint: dict, *, teacher: bool = False):
+    """Our model with the checkpoint's weights: CATForPreTraining (pretraining), CATModel (pretraining, teacher=True)
+    or CATForAudioClassification (finetuning)."""
+    kind = _checkpoint_kind(checkpoint)
+    state = dict(checkpoint["model"])
+    ema = state.pop("_ema", None)
+    config = config_from_checkpoint(checkpoint, kind, state)
+
+    if kind == "finetuning":
+        if teacher:
+            raise CheckpointConversionError("--teacher needs a pretraining checkpoint; finetuning ones have no teacher.")
+        encoder, unused = encoder_state_dict(state, prefix="model.")
+        full = {f"cat.{k}": v for k, v in encoder.items()}
+        heads = {"fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias",
+                 "head.weight": "classifier.weight", "head.bias": "classifier.bias"}
+        for old, new in heads.items():
+            if old in state:
+                full[new] = state[old].float()
+        # clap_proj is kept by the original but unused for classification.
+        _reject_leftovers(unused, (r"head\.(weight|bias)", r"fc_norm\.(weight|bias)", r"model\.clap_proj\.(weight|bias)"),
+                          "finetuning checkpoint")
+        model = CATForAudioClassification(config)
+        _load_strict(model, full, "finetuning checkpoint")
+        return model.eval()
+
+    if teacher:
+        if not ema:
+            raise CheckpointConversionError("--teacher: this pretraining checkpoint has no EMA teacher (model['_ema']).")
+        encoder, unused = encoder_state_dict(ema)
+        _reject_leftovers(unused, (), "EMA teacher")
+        model = CATModel(config)
+        _load_strict(model, encoder, "EMA teacher")
+        return model.eval()
+
+    encoder, unused = encoder_state_dict(state)
+    full = {f"cat.{k}": v for k, v in encoder.items()}
+    leftovers = []
+    for key in unused:
+        name = key[len(_ENCODER):] if key.startswith(_ENCODER) else key
+        if new := _rename(name, _DECODER_RULES):
+            full[new] = state[key].float()
+        elif key in ("clap_proj.weight", "clap_proj.bias"):
+            full[key.replace("clap_proj", "rr_projector")] = state[key].float()
+        else:
+            leftovers.append(key)
+    _reject_leftovers(leftovers, (), "pretraining checkpoint")
+    if ema:
+        teacher_state, teacher_unused = encoder_state_dict(ema)
+        _reject_leftovers(teacher_unused, (), "EMA teacher")
+        full.update({f"teacher.{k}": v for k, v in teacher_state.items()})
+    else:
+        full.update({f"teacher.{k[4:]}": v for k, v in list(full.items()) if k.startswith("cat.")})
+    model = CATForPreTraining(config)
+    _load_strict(model, full, "pretraining checkpoint")
+    return model.eval()
+
+
+def convert_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *,
+                       teacher: bool = False, overwrite: bool = False) -> Path:
+    """Convert an original checkpoint into `output_dir` (model weights as safetensors, config with auto_map,
+    feature extractor, model source files). Nothing is written if anything fails."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True.")
+    checkpoint = load_original_checkpoint(checkpoint_path)
+    model = build_model(checkpoint, teacher=teacher)
+    feature_extractor = feature_extractor_from_checkpoint(checkpoint)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        feature_extractor.save_pretrained(staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="the authors' fairseq checkpoint (.pt), pretraining or finetuning")
+    parser.add_argument("output_dir", help="folder to write (must not exist or be empty unless --overwrite)")
+    parser.add_argument("--teacher", action="store_true",
+                        help="export the EMA teacher of a pretraining checkpoint instead of the student")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        out = convert_checkpoint(args.checkpoint, args.output_dir, teacher=args.teacher, overwrite=args.overwrite)
+    except (CheckpointConversionError, FileExistsError) as error:
+        print(f"error: {error}")
+        return 2
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,811 @@
+"""PyTorch CAT (Convolutional Audio Transformer).
+
+CAT encodes a log-mel spectrogram with a multi-resolution convolutional stem (ConvMAE-style CBlocks at
+resolutions 4 and 8, projected onto the 16x16 patch grid) followed by a post-LN ViT whose token 0 is a learned
+utterance (CLS) token. It is pretrained data2vec-2.0 style: an EMA teacher sees the whole clip, several masked
+copies of the clip go through the student, a 2-D CNN decoder regresses the teacher's averaged block outputs at
+the masked positions, the CLS token regresses their mean, and Representation Regularization pulls a projection
+of the CLS token toward a frozen external encoder's embedding of the clip.
+
+Layout conventions (they are what makes converted checkpoints exact):
+- input (batch, frames, mel_bins) is an image of height `frames` and width `mel_bins`;
+- patches are flattened time-major: token `1 + F * t + f` for time patch t and frequency patch f (F = 8);
+- the stem runs channels-last, so its 1x1 convolutions are `nn.Linear` and LayerNorm normalises the last axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput, SequenceClassifierOutput
+from transformers.utils import logging
+
+from .configuration_cat import CATConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output types
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CATModelOutput(BaseModelOutputWithPooling):
+    """
+    last_hidden_state: (batch, 1 + num_patches, hidden) output of the last block; token 0 is CLS.
+    pooler_output: (batch, hidden) CLS token of the last block, or the mean of the valid patch tokens.
+    hidden_states: input of the first block (after the context LayerNorm) and the output of every block.
+    attentions: per-block attention probabilities (eager attention only).
+    mlp_outputs: per-block MLP output before its residual add, the pretraining target layers (tokens incl. CLS).
+    token_padding_mask: (batch, 1 + num_patches) bool, True for tokens that are padding (None without a mask).
+    """
+
+    mlp_outputs: tuple[torch.FloatTensor, ...] | None = None
+    token_padding_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class CATForPreTrainingOutput(ModelOutput):
+    """
+    loss: total pretraining loss (weighted sum of the components below).
+    frame_loss: masked-patch regression of the decoder output onto the teacher targets.
+    utterance_loss: regression of the student's final CLS token onto the mean teacher target.
+    rr_loss: Representation Regularization loss (None when no external embeddings were given).
+    sample_size: number of masked patches over all clones (the original's normaliser).
+    targets: (batch, num_patches, hidden) teacher targets, before repetition over clones.
+    student_hidden_state: (batch * clone_batch, 1 + kept, hidden) student output on the visible tokens.
+    decoder_output: (batch * clone_batch, num_patches, hidden) decoder prediction for every patch.
+    mask: (batch * clone_batch, num_patches) 1 = masked.
+    """
+
+    loss: torch.FloatTensor | None = None
+    frame_loss: torch.FloatTensor | None = None
+    utterance_loss: torch.FloatTensor | None = None
+    rr_loss: torch.FloatTensor | None = None
+    sample_size: int | None = None
+    targets: torch.FloatTensor | None = None
+    student_hidden_state: torch.FloatTensor | None = None
+    decoder_output: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Positions and masks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sincos_position_table(hidden_size: int, time_patches: int, frequency_patches: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table, time-major: row `F t + f`; first half of the channels encodes f, second half t."""
+    if hidden_size % 4 != 0:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by 4 for the 2-D sin-cos positions.")
+    quarter = hidden_size // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.to(torch.float64)[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    t = torch.arange(time_patches).repeat_interleave(frequency_patches)
+    f = torch.arange(frequency_patches).repeat(time_patches)
+    return torch.cat([encode(f), encode(t)], dim=1).float().unsqueeze(0)
+
+
+def compute_inverse_block_mask(
+    batch_size: int,
+    grid: tuple[int, int],
+    *,
+    mask_ratio: float = 0.8,
+    mask_length: int = 5,
+    mask_ratio_adjust: float = 0.07,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Inverse block masks on a (time, frequency) token grid: (batch, time * frequency) float, 1 = masked.
+
+    "Inverse": square blocks of `mask_length` are *kept* (visible) around random centres, everything else is
+    masked. Centres are over-sampled by `mask_ratio_adjust` to make up for overlapping blocks, then every row is
+    brought to exactly `int(L * (1 - mask_ratio))` kept tokens by keeping or adding random tokens, so that all
+    rows of a batch keep the same count (the student batch stays rectangular).
+    """
+    rows, cols = grid
+    length = rows * cols
+    keep_ratio = 1.0 - mask_ratio
+    num_centres = int(length * (keep_ratio + mask_ratio_adjust) / mask_length**2)
+    centres = torch.randint(0, length, (batch_size, max(num_centres, 1)), generator=generator)
+    keep = torch.zeros(batch_size, length)
+    keep.scatter_(1, centres, 1.0)
+    # Grow every centre into a mask_length x mask_length block clipped at the borders (offsets -o .. L-1-o).
+    before = mask_length // 2
+    after = mask_length - 1 - before
+    keep = F.pad(keep.view(batch_size, 1, rows, cols), (after, before, after, before))
+    keep = F.max_pool2d(keep, kernel_size=mask_length, stride=1).view(batch_size, length)
+    # Equalise the kept count: originally kept tokens rank first, ties broken at random.
+    target = int(length * keep_ratio)
+    if target < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible token on a {rows}x{cols} grid.")
+    score = keep + 0.5 * torch.rand(batch_size, length, generator=generator)
+    chosen = score.topk(target, dim=1).indices
+    mask = torch.ones(batch_size, length)
+    mask.scatter_(1, chosen, 0.0)
+    return mask.to(device) if device is not None else mask
+
+
+def _nearest_index(size: int, factor: int, limit: int, device) -> torch.Tensor:
+    """Token-grid row of every cell of a grid `factor` times finer (cells past the last token map onto it)."""
+    return (torch.arange(size, device=device) // factor).clamp_(max=limit - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stem
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CATStemDownsample(nn.Module):
+    """Strided convolution (kernel = stride) followed by a LayerNorm over channels; output channels-last."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, eps: float):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=stride, stride=stride)
+        self.norm = nn.LayerNorm(out_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H', W', C')
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class CATConvBlock(nn.Module):
+    """ConvMAE CBlock, channels-last: x += pw_out(dw_conv(keep * pw_in(LN(x)))); x += MLP(LN(x)).
+
+    `keep` (B, H, W, 1) zeroes masked or padded cells right before the depthwise convolution, the only place where
+    neighbouring cells mix, so that nothing leaks from them into visible cells.
+    """
+
+    def __init__(self, channels: int, mlp_ratio: float, kernel_size: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels, eps=eps)
+        self.pw_in = nn.Linear(channels, channels)
+        self.dw_conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.pw_out = nn.Linear(channels, channels)
+        self.norm2 = nn.LayerNorm(channels, eps=eps)
+        self.mlp_in = nn.Linear(channels, int(channels * mlp_ratio))
+        self.act = nn.GELU()
+        self.mlp_out = nn.Linear(int(channels * mlp_ratio), channels)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.pw_in(self.norm1(x))
+        if keep is not None:
+            y = y * keep
+        y = self.dw_conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.pw_out(y)
+        return x + self.mlp_out(self.act(self.mlp_in(self.norm2(x))))
+
+
+class CATMultiResolutionStem(nn.Module):
+    """The paper's multi-resolution block: stages at resolutions 4, 8 and 16 whose outputs all land on the
+    16x16 patch grid and are summed, so tokens carry fine time-frequency detail at ViT cost."""
+
+    def __init__(self, config: CATConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        channels = [*config.stem_channels, config.hidden_size]
+        eps = config.stem_layer_norm_eps
+        self.downsamples = nn.ModuleList(
+            CATStemDownsample(1 if i == 0 else channels[i - 1], channels[i], stride, eps)
+            for i, stride in enumerate(config.stem_strides)
+        )
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(
+                CATConvBlock(channels[i], config.stem_mlp_ratio, config.stem_kernel_size, eps) for _ in range(depth)
+            )
+            for i, depth in enumerate(config.stem_depths)
+        )
+        self.resolutions = [math.prod(config.stem_strides[: i + 1]) for i in range(len(config.stem_strides))]
+        self.stage_projections = nn.ModuleList(
+            nn.Conv2d(channels[i], config.hidden_size, kernel_size=self.patch_size // r, stride=self.patch_size // r)
+            for i, r in enumerate(self.resolutions[:-1])
+        )
+        self.token_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, spectrogram: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """spectrogram (B, 1, T, F), keep (B, T/16, F/16) token keep map or None -> tokens (B, N, D), time-major."""
+        x = spectrogram
+        stage_tokens = []
+        for i, downsample in enumerate(self.downsamples):
+            x = downsample(x if i == 0 else x.permute(0, 3, 1, 2))
+            if i == len(self.downsamples) - 1:
+                break
+            cell_keep = None
+            if keep is not None:
+                factor = self.patch_size // self.resolutions[i]
+                rows = _nearest_index(x.shape[1], factor, keep.shape[1], x.device)
+                cols = _nearest_index(x.shape[2], factor, keep.shape[2], x.device)
+                cell_keep = keep[:, rows][:, :, cols].unsqueeze(-1).to(x.dtype)
+            for block in self.blocks[i]:
+                x = block(x, cell_keep)
+            stage_tokens.append(self.stage_projections[i](x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2))
+        tokens = self.token_proj(x.flatten(1, 2))
+        for extra in stage_tokens:
+            tokens = tokens + extra
+        return tokens
+
+
+class CATPatchStem(nn.Module):
+    """EAT-style stem: one 16x16 convolution."""
+
+    def __init__(self, config: CATConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(1, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, spectrogram: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(spectrogram).flatten(2).transpose(1, 2)
+
+
+class CATEmbeddings(nn.Module):
+    """Stem + fixed positions + learned extra (CLS) tokens + the context LayerNorm over the whole sequence."""
+
+    def __init__(self, config: CATConfig):
+        super().__init__()
+        self.config = config
+        self.stem = CATMultiResolutionStem(config) if config.stem_type == "multires" else CATPatchStem(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, config.num_extra_tokens, config.hidden_size))
+        # Persistent: fp16-trained checkpoints store a rounded table and the original's outputs use that table.
+        self.register_buffer(
+            "position_embeddings",
+            sincos_position_table(config.hidden_size, config.max_time_patches, config.frequency_patches),
+            persistent=True,
+        )
+        self.context_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def patch_tokens(self, spectrogram: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, T, F) -> patch tokens with positions (B, T/16 * F/16, D)."""
+        tokens = self.stem(spectrogram, keep)
+        return tokens + self.position_embeddings[:, : tokens.shape[1]].to(tokens.dtype)
+
+    def add_extra_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prepend the extra tokens (no positions) and apply the context LayerNorm to the whole sequence."""
+        extra = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        return self.context_norm(torch.cat([extra, tokens], dim=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CATDropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class CATAttention(nn.Module):
+    def __init__(self, config: CATConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """attention_mask: (B, 1, 1, N) bool, True = attend (keys only)."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = torch.matmul(q * self.scaling, k.transpose(-1, -2))
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            context = torch.matmul(F.dropout(weights, dropout, self.training), v)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling)
+        context = context.transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(context), weights
+
+
+class CATMLP(nn.Module):
+    def __init__(self, config: CATConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class CATLayer(GradientCheckpointingLayer):
+    """Post-LN block (data2vec 2.0): x = LN1(x + attn(x)); t = MLP(x); x = LN2(x + t). Returns t too: the
+    teacher's `t` of every block is what pretraining regresses."""
+
+    def __init__(self, config: CATConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.attention = CATAttention(config)
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CATMLP(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.drop_path = CATDropPath(drop_path)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        attended, weights = self.attention(hidden_states, attention_mask, output_attentions)
+        hidden_states = self.norm1(hidden_states + self.drop_path(self.dropout(attended)))
+        mlp_output = self.mlp(hidden_states)
+        hidden_states = self.norm2(hidden_states + self.drop_path(self.dropout(mlp_output)))
+        return hidden_states, mlp_output, weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CATPreTrainedModel(PreTrainedModel):
+    config_class = CATConfig
+    config: CATConfig
+    base_model_prefix = "cat"
+    main_input_name = "input_values"
+    input_modalities = ("audio",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CATLayer", "CATEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """Linear layers truncated-normal(0.02), convolutions Xavier-uniform, norms 1/0, CLS N(0, 1), fixed positions."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+        elif isinstance(module, CATEmbeddings):
+            init.normal_(module.cls_token, std=1.0)
+            init.copy_(
+                module.position_embeddings,
+                sincos_position_table(self.config.hidden_size, self.config.max_time_patches,
+                                      self.config.frequency_patches)
+            )
+
+
+def _as_spectrogram(input_values: torch.Tensor, config: CATConfig) -> torch.Tensor:
+    """Accept (B, T, F) or (B, 1, T, F); check the length against the stem and the positional table."""
+    if input_values.ndim == 3:
+        input_values = input_values.unsqueeze(1)
+    if input_values.ndim != 4 or input_values.shape[1] != 1:
+        raise ValueError(
+            f"input_values must have shape (batch, frames, {config.num_mel_bins}) or (batch, 1, frames, "
+            f"{config.num_mel_bins}), got {tuple(input_values.shape)}; use CATFeatureExtractor to make them."
+        )
+    frames, bins = input_values.shape[-2:]
+    if bins != config.num_mel_bins:
+        raise ValueError(f"input_values has {bins} mel bins but the model expects {config.num_mel_bins}.")
+    if frames < config.patch_size:
+        raise ValueError(
+            f"input has {frames} frames, fewer than one patch ({config.patch_size} frames = "
+            f"{config.patch_size * 10} ms of audio); pad the clip (CATFeatureExtractor(padding='longest') pads to a "
+            f"multiple of {config.patch_size})."
+        )
+    if frames // config.patch_size > config.max_time_patches:
+        raise ValueError(
+            f"input has {frames} frames but the positional table covers at most {config.max_frames} frames "
+            f"({config.max_time_patches} time patches); split long audio into windows "
+            "(cat_hf.inference.predict_long does this)."
+        )
+    return input_values
+
+
+class CATModel(CATPreTrainedModel):
+    """The CAT encoder: stem, positions, CLS token, context LayerNorm and post-LN transformer blocks.
+
+    Lengths that are not a multiple of 16 frames behave as in the original: floor(T / 16) time patches, and
+    with the multi-resolution stem the trailing T mod 16 frames still influence the tokens through the stem's
+    finer grids. `attention_mask` (B, T) over frames (1 = real) makes padded tokens invisible to attention and
+    to the stem's depthwise convolutions, so a clip gives the same output alone and padded inside a batch.
+    """
+
+    def __init__(self, config: CATConfig):
+        super().__init__(config)
+        self.embeddings = CATEmbeddings(config)
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList(CATLayer(config, rate) for rate in rates)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def token_padding_mask(self, attention_mask: torch.Tensor, time_patches: int) -> torch.Tensor:
+        """Frame mask (B, T) -> patch-row validity (B, time_patches): a row is valid if any of its frames is."""
+        patch = self.config.patch_size
+        valid_rows = (attention_mask.sum(-1, keepdim=True) + patch - 1) // patch
+        return torch.arange(time_patches, device=attention_mask.device)[None, :] < valid_rows
+
+    def encode(self, hidden_states, attention_mask=None, output_attentions=False, output_hidden_states=False,
+               output_mlp_outputs=False):
+        """Run the blocks on an embedded sequence; returns (last, hidden_states, attentions, mlp_outputs)."""
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        all_mlp = () if output_mlp_outputs else None
+        for layer in self.layers:
+            hidden_states, mlp_output, weights = layer(hidden_states, attention_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attn += (weights,)
+            if output_mlp_outputs:
+                all_mlp += (mlp_output,)
+        return hidden_states, all_hidden, all_attn, all_mlp
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_mlp_outputs: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CATModelOutput | tuple:
+        r"""
+        input_values: (batch, frames, mel_bins) normalised log-mel frames from `CATFeatureExtractor`.
+        attention_mask: optional (batch, frames), 1 for real frames, 0 for padding.
+        output_mlp_outputs: also return every block's MLP output before its residual (pretraining targets).
+        """
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        spectrogram = _as_spectrogram(input_values, config).to(self.embeddings.cls_token.dtype)
+
+        time_patches = spectrogram.shape[2] // config.patch_size
+        freq_patches = config.frequency_patches
+        keep = key_mask = padding = None
+        if attention_mask is not None:
+            valid_rows = self.token_padding_mask(attention_mask, time_patches)
+            keep = valid_rows[:, :, None].expand(-1, -1, freq_patches)
+            extra = valid_rows.new_ones(valid_rows.shape[0], config.num_extra_tokens)
+            valid_tokens = torch.cat([extra, keep.flatten(1)], dim=1)
+            padding = ~valid_tokens
+            key_mask = valid_tokens[:, None, None, :]
+
+        hidden_states = self.embeddings.add_extra_tokens(self.embeddings.patch_tokens(spectrogram, keep))
+        last, all_hidden, all_attn, all_mlp = self.encode(
+            hidden_states, key_mask, output_attentions, output_hidden_states, output_mlp_outputs
+        )
+        pooled = self.pool(last, padding)
+        if not return_dict:
+            return tuple(v for v in (last, pooled, all_hidden, all_attn, all_mlp) if v is not None)
+        return CATModelOutput(
+            last_hidden_state=last, pooler_output=pooled, hidden_states=all_hidden, attentions=all_attn,
+            mlp_outputs=all_mlp, token_padding_mask=padding,
+        )
+
+    def pool(self, last_hidden_state: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """CLS token, or the mean of the (valid) patch tokens."""
+        if self.config.pooling == "cls":
+            return last_hidden_state[:, 0]
+        patches = last_hidden_state[:, self.config.num_extra_tokens:]
+        if padding is None:
+            return patches.mean(dim=1)
+        weights = (~padding[:, self.config.num_extra_tokens:]).unsqueeze(-1).to(patches.dtype)
+        return (patches * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+class CATForAudioClassification(CATPreTrainedModel):
+    """CAT encoder + LayerNorm (fc_norm) + linear head on the pooled token (CLS by default)."""
+
+    def __init__(self, config: CATConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cat = CATModel(config)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_fc_norm else nn.Identity()
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        labels: (batch,) class indices for single-label, (batch, num_labels) multi-hot floats for multi-label
+            tagging, or (batch,) / (batch, 1) floats for regression. The loss follows `config.problem_type`
+            (inferred from the labels when unset, as transformers does). Unknown keyword arguments (as PEFT and
+            Trainer pass) are ignored.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.cat(
+            input_values, attention_mask=attention_mask, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.classifier(self.fc_norm(outputs.pooler_output))
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        if not return_dict:
+            rest = tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss, logits) if loss is not None else (logits,)) + rest
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            return F.mse_loss(logits.float(), labels.float().view(logits.shape))
+        if self.config.problem_type == "single_label_classification":
+            if labels.ndim == 2 and labels.is_floating_point():  # soft targets (mixup, label smoothing)
+                return -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+            return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class CATDecoder(nn.Module):
+    """2-D CNN decoder of pretraining: on the full (time, frequency) token grid, `decoder_layers` residual layers of
+    grouped 3x3 convolution -> LayerNorm over channels without affine parameters -> GELU, then a linear projection."""
+
+    def __init__(self, config: CATConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.eps = config.stem_layer_norm_eps
+        self.convs = nn.ModuleList(
+            nn.Conv2d(dim, dim, config.decoder_kernel_size, padding=config.decoder_kernel_size // 2,
+                      groups=config.decoder_groups)
+            for _ in range(config.decoder_layers)
+        )
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        batch, length, dim = tokens.shape
+        x = tokens.transpose(1, 2).reshape(batch, dim, *grid)
+        for conv in self.convs:
+            y = F.layer_norm(conv(x).permute(0, 2, 3, 1), (dim,), eps=self.eps).permute(0, 3, 1, 2)
+            x = x + F.gelu(y)
+        return self.proj(x.reshape(batch, dim, length).transpose(1, 2))
+
+
+class CATForPreTraining(CATPreTrainedModel):
+    """Bootstrap pretraining with an EMA teacher and Representation Regularization.
+
+    - `cat`: the student encoder; `teacher`: its exponential moving average (stem included), kept in fp32 and
+      updated with `update_teacher(step)` after every optimiser step.
+    - forward(input_values, mask=None, rr_embeddings=None): every clip is cloned `clone_batch` times with its own
+      inverse block mask; the student sees only the visible tokens plus CLS (the multi-resolution stem runs with the
+      mask multiplied in before every depthwise convolution, so nothing leaks from masked regions); the decoder
+      fills masked slots with N(0, mask_noise_std) tokens and predicts every patch.
+    - Losses, all element-wise squared errors scaled by 1/sqrt(dim) and normalised by the number of masked
+      patches (`sample_size`) as the original's criterion does: frame (decoder vs. targets at masked patches),
+      utterance (final CLS vs. the patch-mean of the targets), RR (projected CLS vs. the external embedding).
+    """
+
+    def __init__(self, config: CATConfig):
+        super().__init__(config)
+        self.cat = CATModel(config)
+        self.decoder = CATDecoder(config)
+        self.rr_projector = nn.Linear(config.hidden_size, config.rr_embedding_dim) if config.rr_embedding_dim else None
+        self.teacher = CATModel(config)
+        self.teacher.requires_grad_(False)
+        self.post_init()
+        self.teacher.load_state_dict(self.cat.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Also loads encoder-only folders (a `CATModel` or classifier): the teacher then starts as the student."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = info.get("missing_keys", [])
+        if any(k.startswith("teacher.") for k in missing):
+            model.teacher.load_state_dict(model.cat.state_dict())
+            info["missing_keys"] = type(missing)(k for k in missing if not k.startswith("teacher."))
+        return (model, info) if want_info else model
+
+    # -- teacher -------------------------------------------------------------------------------------------------
+    def teacher_decay(self, step: int) -> float:
+        """Linear anneal from ema_decay to ema_end_decay over ema_anneal_end_step updates, then constant."""
+        c = self.config
+        if step >= c.ema_anneal_end_step:
+            return c.ema_end_decay
+        return c.ema_end_decay - (c.ema_end_decay - c.ema_decay) * (1 - step / c.ema_anneal_end_step)
+
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> float:
+        """teacher = decay * teacher + (1 - decay) * student for trainable tensors; buffers are copied."""
+        decay = self.teacher_decay(step)
+        student = dict(self.cat.named_parameters())
+        for name, teacher_param in self.teacher.named_parameters():
+            source = student[name].detach().to(teacher_param.dtype)
+            if student[name].requires_grad:
+                teacher_param.lerp_(source, 1.0 - decay)
+            else:
+                teacher_param.copy_(source)
+        student_buffers = dict(self.cat.named_buffers())
+        for name, teacher_buffer in self.teacher.named_buffers():
+            teacher_buffer.copy_(student_buffers[name])
+        return decay
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout / drop path
+        return self
+
+    @torch.no_grad()
+    def compute_targets(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """Teacher targets (B, N, D): instance-normed top-K block MLP outputs (CLS excluded), averaged, layer-normed."""
+        c = self.config
+        outputs = self.teacher(spectrogram.float(), output_mlp_outputs=True, return_dict=True)
+        top_k = c.average_top_k_layers or c.num_hidden_layers
+        layers = [t[:, c.num_extra_tokens:].float() for t in outputs.mlp_outputs[-top_k:]]
+        if c.instance_norm_target_layer:
+            layers = [F.instance_norm(t.transpose(1, 2), eps=c.stem_layer_norm_eps).transpose(1, 2) for t in layers]
+        targets = sum(layers) / len(layers)
+        if c.layer_norm_targets:
+            targets = F.layer_norm(targets, targets.shape[-1:], eps=c.stem_layer_norm_eps)
+        return targets
+
+    # -- masking -------------------------------------------------------------------------------------------------
+    def make_mask(self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None,
+                  device=None) -> torch.Tensor:
+        """(batch_size * clone_batch, N) inverse block masks from the config (rows 4i..4i+3 belong to clip i)."""
+        c = self.config
+        return compute_inverse_block_mask(
+            batch_size * c.clone_batch, grid, mask_ratio=c.mask_ratio, mask_length=c.mask_length,
+            mask_ratio_adjust=c.mask_ratio_adjust, generator=generator, device=device,
+        )
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rr_embeddings: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CATForPreTrainingOutput:
+        r"""
+        input_values: (batch, frames, mel_bins), frames a multiple of 16.
+        mask: optional (batch * clone_batch, num_patches) float/bool, 1 = masked; every row must mask the same number
+            of patches. Built from the config (and `generator`) when omitted.
+        rr_embeddings: optional (batch, rr_embedding_dim) (or (batch, 1, dim)) external-encoder embeddings.
+        """
+        c = self.config
+        spectrogram = _as_spectrogram(input_values, c).float()
+        batch, frames = spectrogram.shape[0], spectrogram.shape[2]
+        if frames % c.patch_size:
+            raise ValueError(
+                f"pretraining needs a length that is a multiple of {c.patch_size} frames, got {frames}; crop or pad "
+                "the clips (the pretraining data pipeline does this)."
+            )
+        grid = (frames // c.patch_size, c.frequency_patches)
+        num_patches = grid[0] * grid[1]
+        rows = batch * c.clone_batch
+        if mask is None:
+            mask = self.make_mask(batch, grid, generator=generator, device=spectrogram.device)
+        mask = mask.to(spectrogram.device).float()
+        if mask.shape != (rows, num_patches):
+            raise ValueError(f"mask must have shape (batch * clone_batch, num_patches) = {(rows, num_patches)}, "
+                             f"got {tuple(mask.shape)}.")
+        masked_counts = mask.sum(1)
+        if not torch.all(masked_counts == masked_counts[0]):
+            raise ValueError("every mask row must mask the same number of patches (the student batch is rectangular).")
+        num_kept = num_patches - int(masked_counts[0])
+
+        targets = self.compute_targets(spectrogram)  # (B, N, D)
+
+        # Student on the visible tokens of every clone (kept tokens in ascending patch order).
+        clones = spectrogram.repeat_interleave(c.clone_batch, dim=0)
+        keep = (1.0 - mask).view(rows, *grid)
+        tokens = self.cat.embeddings.patch_tokens(clones, keep if c.stem_type == "multires" else None)
+        kept_ids = torch.sort(mask, dim=1, stable=True).indices[:, :num_kept]
+        visible = torch.gather(tokens, 1, kept_ids[..., None].expand(-1, -1, tokens.shape[-1]))
+        student, _, _, _ = self.cat.encode(self.cat.embeddings.add_extra_tokens(visible))
+
+        # Decoder on the full grid: encoder outputs at their patches, noise tokens elsewhere.
+        decoder_input = torch.zeros(rows, num_patches, c.hidden_size, dtype=student.dtype, device=student.device)
+        if self.training and c.mask_noise_std > 0:
+            decoder_input.normal_(0, c.mask_noise_std, generator=generator)
+        decoder_input = decoder_input * mask[..., None]
+        decoder_input = decoder_input.scatter(
+            1, kept_ids[..., None].expand(-1, -1, c.hidden_size), student[:, c.num_extra_tokens:]
+        )
+        prediction = self.decoder(decoder_input, grid)
+
+        repeated_targets = targets.repeat_interleave(c.clone_batch, dim=0)
+        sample_size = int(mask.sum().item())
+        masked = mask.bool()
+        frame_sum = self._regression(prediction[masked], repeated_targets[masked]).sum()
+        cls = student[:, 0]
+        # The original sums the frame errors and sample_size-scaled CLS / RR errors, then divides everything by
+        # sample_size: per-patch mean for the frame loss, plain sums for the clip-level losses.
+        frame_loss = frame_sum / sample_size
+        utterance_loss = self._regression(cls, repeated_targets.mean(dim=1)).sum()
+        loss = c.frame_loss_weight * frame_loss + c.utterance_loss_weight * utterance_loss
+        rr_loss = None
+        if rr_embeddings is not None:
+            if self.rr_projector is None:
+                raise ValueError("rr_embeddings were given but the config has rr_embedding_dim=None; set "
+                                 "rr_embedding_dim to the external encoder's embedding size.")
+            rr_embeddings = rr_embeddings.reshape(batch, -1).to(cls.dtype)
+            if rr_embeddings.shape[-1] != c.rr_embedding_dim:
+                raise ValueError(
+                    f"rr_embeddings have size {rr_embeddings.shape[-1]} but config.rr_embedding_dim is "
+                    f"{c.rr_embedding_dim}; set rr_embedding_dim to the external encoder's embedding size."
+                )
+            projected = self.rr_projector(cls)
+            rr_target = rr_embeddings.repeat_interleave(c.clone_batch, dim=0)
+            rr_loss = self._rr_loss(projected, rr_target).sum()
+            loss = loss + c.rr_loss_weight * rr_loss
+        return CATForPreTrainingOutput(
+            loss=loss, frame_loss=frame_loss, utterance_loss=utterance_loss, rr_loss=rr_loss,
+            sample_size=sample_size, targets=targets, student_hidden_state=student, decoder_output=prediction,
+            mask=mask,
+        )
+
+    @staticmethod
+    def _regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """data2vec's element-wise loss: squared error scaled by 1/sqrt(dim)."""
+        return (prediction.float() - target.float()).pow(2) / math.sqrt(prediction.shape[-1])
+
+    def _rr_loss(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        kind = self.config.rr_loss_type
+        if kind == "mse":
+            return self._regression(projected, target)
+        if kind == "l1":
+            return (projected.float() - target.float()).abs() / math.sqrt(projected.shape[-1])
+        return 1.0 - F.cosine_similarity(projected.float(), target.float(), dim=-1)
+
+
+__all__ = [
+    "CATPreTrainedModel",
+    "CATModel",
+    "CATForAudioClassification",
+    "CATForPreTraining",
+    "CATModelOutput",
+    "CATForPreTrainingOutput",
+    "compute_inverse_block_mask",
+    "sincos_position_table",
+]
