@@ -379,6 +379,20 @@ class CATPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["CATLayer", "CATEmbeddings"]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Lists every CAT head in `auto_map`, so that one folder serves AutoModel, AutoModelForAudioClassification
+        and AutoModelForPreTraining for `trust_remote_code=True` users (transformers only adds the saved class)."""
+        module = CATModel.__module__.split(".")[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoConfig", f"{CATConfig.__module__.split('.')[-1]}.CATConfig")
+        auto_map.update({
+            "AutoModel": f"{module}.CATModel",
+            "AutoModelForAudioClassification": f"{module}.CATForAudioClassification",
+            "AutoModelForPreTraining": f"{module}.CATForPreTraining",
+        })
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """Linear layers truncated-normal(0.02), convolutions Xavier-uniform, norms 1/0, CLS N(0, 1), fixed positions."""
@@ -443,7 +457,8 @@ class CATModel(CATPreTrainedModel):
     def __init__(self, config: CATConfig):
         super().__init__(config)
         self.embeddings = CATEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # no tensors: meta-safe
         self.layers = nn.ModuleList(CATLayer(config, rate) for rate in rates)
         self.gradient_checkpointing = False
         self.post_init()

@@ -1,0 +1,142 @@
+"""Conversion of the authors' checkpoints: command line, both stems, fp16 upcast, teacher export, and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoFeatureExtractor, AutoModel, AutoModelForAudioClassification
+
+from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CATForPreTraining, CATModel
+from cat_hf.convert import CheckpointConversionError, convert_checkpoint
+
+from original_format import finetuning_checkpoint, pretraining_checkpoint
+
+
+def small_pretraining_model(stem_type: str, seed: int = 0) -> CATForPreTraining:
+    torch.manual_seed(seed)
+    config = CATConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=2, stem_type=stem_type,
+                       stem_channels=[32, 48], stem_depths=[2, 1], max_time_patches=64, decoder_groups=8,
+                       rr_embedding_dim=24)
+    model = CATForPreTraining(config)
+    with torch.no_grad():  # a teacher that differs from the student, as after training
+        for p in model.teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("teacher."):
+                p.copy_(p.half().float())
+        for name, b in model.named_buffers():
+            b.copy_(b.half().float())
+    return model
+
+
+@pytest.mark.parametrize("stem_type", ["multires", "patch"])
+def test_pretraining_checkpoint_round_trip(tmp_path, stem_type):
+    model = fp16_rounded(small_pretraining_model(stem_type))
+    path = tmp_path / "checkpoint.pt"
+    torch.save(pretraining_checkpoint(model), path)
+    out = convert_checkpoint(path, tmp_path / "converted")
+    converted = CATForPreTraining.from_pretrained(out)
+    assert converted.config.stem_type == stem_type
+    if stem_type == "multires":
+        assert converted.config.stem_depths == [2, 1] and converted.config.stem_channels == [32, 48]
+    assert converted.config.rr_embedding_dim == 24 and converted.config.num_hidden_layers == 3
+    assert converted.cat.embeddings.cls_token.dtype == torch.float32  # fp16 upcast
+    for (name, a), b in zip(model.state_dict().items(), converted.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The encoder-only Auto classes and the feature extractor load the same folder.
+    assert isinstance(AutoModel.from_pretrained(out), CATModel)
+    extractor = AutoFeatureExtractor.from_pretrained(out)
+    assert isinstance(extractor, CATFeatureExtractor) and extractor.max_length == 1024
+    x = torch.randn(1, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(AutoModel.from_pretrained(out)(x).last_hidden_state, model.cat(x).last_hidden_state,
+                              atol=1e-6)
+
+
+def test_teacher_export_from_command_line(tmp_path):
+    model = fp16_rounded(small_pretraining_model("multires", seed=1))
+    path = tmp_path / "checkpoint.pt"
+    torch.save(pretraining_checkpoint(model), path)
+    result = subprocess.run([sys.executable, "-m", "cat_hf.cli", "convert", str(path), str(tmp_path / "teacher"),
+                             "--teacher"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    teacher = AutoModel.from_pretrained(tmp_path / "teacher")
+    for (name, a), b in zip(model.teacher.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_finetuning_checkpoint_with_esc50_task(tmp_path):
+    torch.manual_seed(2)
+    config = CATConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, stem_type="patch",
+                       max_time_patches=64, num_labels=5, decoder_groups=8)
+    classifier = CATForAudioClassification(config).eval()
+    fp16_rounded(classifier)
+    labels = ["dog", "rooster", "pig", "cow", "frog"]
+    path = tmp_path / "esc.pt"
+    torch.save(finetuning_checkpoint(classifier, labels, esc50=True, target_length=512), path)
+    out = convert_checkpoint(path, tmp_path / "esc")
+    converted = AutoModelForAudioClassification.from_pretrained(out).eval()
+    assert converted.config.id2label == dict(enumerate(labels))
+    assert converted.config.problem_type == "single_label_classification"
+    extractor = json.loads((out / "preprocessor_config.json").read_text())
+    assert (extractor["max_length"], extractor["mean"], extractor["std"]) == (512, -6.627, 5.359)  # ESC-50 recipe
+    x = torch.randn(2, 512, 128)
+    with torch.no_grad():
+        assert torch.allclose(converted(x).logits, classifier(x).logits, atol=1e-6)
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello")
+    with pytest.raises(CheckpointConversionError, match="not a checkpoint torch.load"):
+        convert_checkpoint(bad, tmp_path / "out")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointConversionError, match="expected a dict with 'model' and 'cfg'"):
+        convert_checkpoint(tmp_path / "other.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_unexpected_keys_are_named_and_nothing_is_written(tmp_path):
+    model = small_pretraining_model("multires")
+    checkpoint = pretraining_checkpoint(model)
+    del checkpoint["model"]["blocks.1.mlp.fc2.weight"]
+    torch.save(checkpoint, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointConversionError, match=r"layers\.1\.mlp\.fc2\.weight"):
+        convert_checkpoint(tmp_path / "missing.pt", tmp_path / "out")
+
+    checkpoint = pretraining_checkpoint(model)
+    checkpoint["model"]["modality_encoders.IMAGE.mystery.weight"] = torch.zeros(3)
+    torch.save(checkpoint, tmp_path / "unexpected.pt")
+    with pytest.raises(CheckpointConversionError, match=r"unexpected keys.*mystery"):
+        convert_checkpoint(tmp_path / "unexpected.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no staging folder left behind
+
+
+def test_command_line_reports_errors(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00\x01")
+    result = subprocess.run([sys.executable, "-m", "cat_hf.cli", "convert", str(tmp_path / "bad.pt"),
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "not a checkpoint" in result.stdout
+    assert not (tmp_path / "out").exists()
+    help_text = subprocess.run([sys.executable, "-m", "cat_hf.cli", "convert", "--help"], capture_output=True,
+                               text=True, timeout=300).stdout
+    assert "--teacher" in help_text
+
+
+def test_refuses_to_overwrite(tmp_path, pretrain_checkpoint):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert_checkpoint(pretrain_checkpoint, target)
+    assert (target / "keep.txt").read_text() == "mine"
