@@ -48,8 +48,6 @@ def encoder_to_original(state: dict, num_stages: int) -> dict:
                 continue
             for pattern, replacement in _EMBEDDINGS:
                 if re.fullmatch(pattern, name):
-                    if re.search(r"(pw_in|pw_out|mlp_in|mlp_out)\.weight$", name):
-                        value = value[:, :, None, None]
                     out[ENCODER + re.sub(pattern, replacement, name)] = value
                     break
             else:

@@ -227,8 +227,6 @@ def encoder_state_dict(state: dict, prefix: str = "") -> tuple[dict, list[str]]:
         name = key[len(prefix):]
         value = value.float() if value.is_floating_point() else value
         if name.startswith(_ENCODER) and (new := _rename(name[len(_ENCODER):], _EMBEDDING_RULES)):
-            if re.fullmatch(r"stem\.blocks\.\d+\.\d+\.(pw_in|pw_out|mlp_in|mlp_out)\.weight", new):
-                value = value.flatten(1)  # 1x1 convolution -> linear
             converted["embeddings." + new] = value
         elif m := _QKV.fullmatch(name):
             for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
