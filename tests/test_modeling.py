@@ -361,3 +361,19 @@ def test_pretraining_model_save_round_trip(tmp_path):
     continued = CATForPreTraining.from_pretrained(encoder_dir)
     for a, b in zip(continued.cat.parameters(), continued.teacher.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stem_type", ["multires", "patch"])
+def test_visible_patch_path_equals_dense_masked_stem(stem_type):
+    """The sparse path of pretraining (only kept patches computed) equals the dense stem with the keep map."""
+    model = random_model(stem_type=stem_type, stem_depths=[2, 1])
+    mask = CATForPreTraining.make_mask(random_model(CATForPreTraining, clone_batch=1), 3, (10, 8),
+                                       generator=torch.Generator().manual_seed(0))
+    kept_ids = torch.sort(mask, dim=1, stable=True).indices[:, : int(80 * 0.2)]
+    x = torch.randn(3, 1, 160, 128)
+    with torch.no_grad():
+        sparse = model.embeddings.visible_patch_tokens(x, kept_ids)
+        keep = (1 - mask).view(3, 10, 8) if stem_type == "multires" else None
+        dense = model.embeddings.patch_tokens(x, keep)
+        dense = torch.gather(dense, 1, kept_ids[..., None].expand(-1, -1, dense.shape[-1]))
+    assert torch.allclose(sparse, dense, atol=1e-5)
