@@ -1,0 +1,1105 @@
+"""Finetune CAT on labelled audio: full finetuning, a frozen-encoder linear probe, or LoRA.
+
+Entry points: `cat-hf finetune --config RECIPE [--flag value ...]`, `accelerate launch -m cat_hf.finetune ...`, and
+`finetune(config) -> dict` from Python. A recipe is a YAML file of `FinetuneConfig` fields (the packaged ones:
+`tiny`, `as20k`, `as2m`, `esc50`, `spcv2`, i.e. `cat_hf/recipes/finetune_<name>.yaml`); command-line flags override it.
+
+The run, top to bottom (`finetune`):
+
+1. **Data** (`prepare_data`) - the training corpus (Hub name, audiofolder, folder + `path,tags` CSV/JSONL, saved
+   dataset) through `cat_hf.data.load_audio_corpus`; a validation set from `validation_data`, a `validation_split`
+   of `data`, or `validation_size` clips held out of the training corpus (stratified for single-label data).
+   Everything is checked before a model is built: missing files, clips without tags, empty classes, validation
+   tags unknown to training - each error lists the offending rows and says how to fix them. The task is
+   multi-label iff some clip has more than one tag (`problem_type` overrides).
+2. **Model** - `CATForAudioClassification.from_pretrained(model, num_labels=..., id2label=..., label2id=...,
+   problem_type=..., ignore_mismatched_sizes=True)` (a converted or pretrained CAT folder), or a `preset` from
+   scratch; the head is re-initialised unless the folder's labels are exactly ours. Then LoRA (`cat_hf.lora`) or
+   the linear probe (only `fc_norm` + `classifier` train, the encoder runs in eval mode) when asked.
+3. **Optimiser** - AdamW (decoupled weight decay, as fairseq's Adam), betas (0.9, 0.95), weight decay 0.05 except
+   for biases and 1-D parameters (norms); layer-wise learning-rate decay; linear warm-up from `min_learning_rate`
+   then cosine down to it (fairseq's cosine schedule).
+4. **Loop** - waveform augmentations (roll, gain), Kaldi features on the training device, targets (one-hot with
+   label smoothing, or multi-hot), feature augmentations (noise, mixup, SpecAugment) from `cat_hf.augment`, the
+   loss (soft-target cross-entropy or BCE), Accelerate for devices / mixed precision / gradient accumulation.
+   Every `eval_steps` the validation set is scored (accuracy or mAP via `cat_hf.metrics`) and the best model is
+   saved to `<output_dir>/checkpoint-best`.
+5. **Export** - the best checkpoint becomes `output_dir`: model (or LoRA adapter) + feature extractor +
+   `training_summary.json`, then `cat_hf.evaluation.evaluate_model` writes `eval_results.json` (whole clips with
+   sliding windows). A full-finetuning folder is served by `pipeline("audio-classification", model=output_dir)`;
+   multi-label models carry `problem_type="multi_label_classification"`, which makes the pipeline apply sigmoid.
+   With `--lora --merge`, `<output_dir>/merged` is the pipeline-ready folder.
+
+Layer-wise learning-rate decay, as the authors' code assigns it (data2vec 2.0 "multi" branch of
+`EAT_audio_classification.py`): with L transformer blocks, block i (0-based) gets `lr * decay ** (L - i)`, i.e.
+`decay ** (L + 1 - (i + 1))` - the top block already 0.65x, the first 0.65**L. Everything outside the blocks - the
+convolutional stem, the CLS token, the (fixed) positions, the context LayerNorm, `fc_norm` and the classifier -
+keeps the full learning rate: the original only sets `lr_scale` on block parameters. `layer_decay_stem=True` gives
+the BEiT rule instead (stem, CLS token and context norm at `decay ** (L + 1)`). `layer_decay` defaults to 0.65 for
+full finetuning and 1.0 (no decay) for LoRA and the linear probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .audio import is_audio_file
+from .augment import AugmentationConfig, Augmenter
+from .data import (
+    LABELS_COLUMN,
+    MULTI_LABEL,
+    SINGLE_LABEL,
+    SPLIT_FOLDER_NAMES,
+    AudioClipDataset,
+    CorpusError,
+    build_label_maps,
+    collate_skip_bad,
+    load_audio_corpus,
+    split_corpus,
+    validate_corpus,
+)
+from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
+
+logger = logging.getLogger(__name__)
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+SUMMARY_FILE = "training_summary.json"
+BEST_CHECKPOINT_DIR = "checkpoint-best"
+MERGED_DIR = "merged"
+PROBLEM_TYPES = ("auto", SINGLE_LABEL, MULTI_LABEL)
+LOSSES = ("auto", "ce", "bce")
+METRICS = ("auto", "accuracy", "mAP")
+#: Layer decay when `layer_decay` is not set: the paper's value for full finetuning, none for LoRA / linear probe.
+DEFAULT_LAYER_DECAY = 0.65
+
+
+class FinetuneConfigError(ValueError):
+    """A finetuning setting is invalid; the message names the setting and the fix."""
+
+
+# ================================================================================================================
+# Configuration
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a finetuning run; a recipe YAML holds a subset of these fields.
+
+    Data:
+        data: training corpus: Hub dataset name, audiofolder `<root>/<label>/<clip>`, `path,tags` CSV/JSONL, or a
+            `save_to_disk` folder.
+        train_split: split of `data` to train on (Hub datasets, split folders).
+        validation_data: a separate validation corpus (any source `data` accepts).
+        validation_split: a split of `data` (or of `validation_data`) to validate on.
+        validation_size: fraction (or number) of training clips held out for validation when neither of the above
+            is given.
+        test_data / test_split: optional final test set for `eval_results.json` (default: the validation set).
+        audio_column / label_column / tags_separator: passed to `load_audio_corpus`.
+        labels: fixed label list (order = class ids); default: the sorted tags of the training corpus.
+        problem_type: "auto" (multi-label iff a clip has more than one tag), "single_label_classification" or
+            "multi_label_classification".
+        check_audio: read every file's header before training (slow on big corpora; unreadable files are skipped
+            during training anyway).
+    Model:
+        model: pretrained CAT folder or Hub id; None trains `preset` from scratch.
+        preset: architecture for from-scratch training (`cat-tiny`, `cat-small`, `cat-base`, `cat-large`).
+        feature_preset: feature statistics and length of a CAT recipe ("audioset", "esc50", "speechcommands");
+            default: the model folder's feature extractor, else "audioset".
+        max_length: input frames (overrides the feature extractor's).
+        drop_path_rate: stochastic depth of the encoder blocks.
+    Optimisation: max_steps, warmup_steps (optimiser updates), learning_rate, min_learning_rate, weight_decay,
+        adam_beta1/adam_beta2/adam_epsilon, layer_decay (None: 0.65 for full finetuning, 1.0 otherwise),
+        layer_decay_stem, batch_size (per device), gradient_accumulation_steps, max_grad_norm (None: no clipping),
+        mixed_precision ("no", "fp16", "bf16").
+    Loss: loss ("auto": cross-entropy for single-label, BCE for multi-label; "bce" on single-label data is the
+        Speech Commands recipe), label_smoothing.
+    Augmentation (see `cat_hf.augment`): mixup_alpha (0 = off), mixup_prob, freq_mask_ratio, time_mask_ratio,
+        roll, gain, noise.
+    Sampling: balanced_sampling (clip weight = sum over its tags of 1 / tag count, drawn with replacement),
+        samples_per_epoch (clips drawn per epoch with balanced sampling; default: the corpus size).
+    Evaluation: eval_steps, eval_batch_size, metric ("auto": accuracy for single-label, mAP for multi-label).
+    Modes: linear_probe; lora with lora_r, lora_alpha, lora_dropout, lora_target_modules; merge (write a merged
+        copy of the LoRA model to `<output_dir>/merged`).
+    Run: output_dir, overwrite_output_dir, seed, num_workers, logging_steps, report_to (e.g. ["tensorboard"]).
+    """
+
+    # data
+    data: str | None = None
+    train_split: str = "train"
+    validation_data: str | None = None
+    validation_split: str | None = None
+    validation_size: float | int = 0.1
+    test_data: str | None = None
+    test_split: str | None = None
+    audio_column: str | None = None
+    label_column: str | None = None
+    tags_separator: str = ","
+    labels: list[str] | None = None
+    problem_type: str = "auto"
+    check_audio: bool = False
+    # model
+    model: str | None = None
+    preset: str = "cat-base"
+    feature_preset: str | None = None
+    max_length: int | None = None
+    drop_path_rate: float = 0.1
+    # optimisation
+    max_steps: int = 1000
+    warmup_steps: int = 100
+    learning_rate: float = 5e-5
+    min_learning_rate: float = 1e-6
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    layer_decay: float | None = None
+    layer_decay_stem: bool = False
+    batch_size: int = 48
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    mixed_precision: str = "no"
+    # loss
+    loss: str = "auto"
+    label_smoothing: float = 0.0
+    # augmentation
+    mixup_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    freq_mask_ratio: float = 0.2
+    time_mask_ratio: float = 0.2
+    roll: bool = True
+    gain: bool = True
+    noise: bool = False
+    # sampling
+    balanced_sampling: bool = False
+    samples_per_epoch: int | None = None
+    # evaluation
+    eval_steps: int = 500
+    eval_batch_size: int | None = None
+    metric: str = "auto"
+    # modes
+    linear_probe: bool = False
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge: bool = False
+    # run
+    output_dir: str = "cat-finetuned"
+    overwrite_output_dir: bool = False
+    seed: int = 0
+    num_workers: int = 2
+    logging_steps: int = 50
+    report_to: list[str] = field(default_factory=list)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], origin: str = "the settings") -> FinetuneConfig:
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise FinetuneConfigError(
+                f"Unknown finetuning setting(s) {unknown} in {origin}; valid settings are {cls.field_names()}."
+            )
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return cls(**{name: _coerce(name, value, types[name], origin) for name, value in values.items()})
+
+    @classmethod
+    def from_yaml(cls, recipe: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
+        """Load a recipe (a YAML path, or a packaged name like "esc50") and apply `overrides`."""
+        path = resolve_recipe(recipe)
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise FinetuneConfigError(f"Recipe '{path}' must be a mapping of settings (key: value lines).")
+        return cls.from_dict({**loaded, **overrides}, origin=f"recipe '{path}'")
+
+    def validate(self) -> None:
+        """Raise FinetuneConfigError for settings that cannot work, before anything is loaded."""
+
+        def fail(message: str) -> None:
+            raise FinetuneConfigError(message)
+
+        if not self.data:
+            fail("No training data: set `data` (--data) to a Hub dataset name, an audiofolder, or a path,tags CSV/JSONL.")
+        if self.problem_type not in PROBLEM_TYPES:
+            fail(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}.")
+        if self.loss not in LOSSES:
+            fail(f"loss={self.loss!r} is not one of {LOSSES}.")
+        if self.metric not in METRICS:
+            fail(f"metric={self.metric!r} is not one of {METRICS}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            fail(f"mixed_precision={self.mixed_precision!r} is not one of ('no', 'fp16', 'bf16').")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps"):
+            if int(getattr(self, name)) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            fail(f"warmup_steps ({self.warmup_steps}) must be >= 0 and below max_steps ({self.max_steps}).")
+        if not 0 < self.learning_rate or not 0 <= self.min_learning_rate <= self.learning_rate:
+            fail(f"Need 0 < learning_rate and 0 <= min_learning_rate <= learning_rate; got {self.learning_rate} and "
+                 f"{self.min_learning_rate}.")  # fmt: skip
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            fail(f"layer_decay must be in (0, 1] (1 = no decay), got {self.layer_decay}.")
+        if not 0 <= self.label_smoothing < 1:
+            fail(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.lora and self.linear_probe:
+            fail("Choose either lora or linear_probe, not both.")
+        if self.lora and not self.model:
+            fail("LoRA adapts a pretrained model: set `model` (--model) to a pretrained CAT folder or Hub id.")
+        if self.merge and not self.lora:
+            fail("merge folds a LoRA adapter into the weights; it needs lora (--lora).")
+        if self.validation_data is None and self.validation_split is None and not self.validation_size:
+            fail("No validation set: give validation_data, validation_split, or a validation_size > 0.")
+        if self.feature_preset is not None and self.feature_preset not in FEATURE_PRESETS:
+            fail(f"feature_preset={self.feature_preset!r} is not one of {sorted(FEATURE_PRESETS)}.")
+        if self.max_length is not None and (self.max_length < 16 or self.max_length % 16):
+            fail(f"max_length must be a positive multiple of 16 frames (one patch), got {self.max_length}.")
+        AugmentationConfig(**self.augmentation_kwargs())  # checks the ranges
+
+    def augmentation_kwargs(self) -> dict[str, Any]:
+        names = [f.name for f in dataclasses.fields(AugmentationConfig)]
+        return {name: getattr(self, name) for name in names}
+
+    def effective_layer_decay(self) -> float:
+        if self.layer_decay is not None:
+            return float(self.layer_decay)
+        return 1.0 if (self.lora or self.linear_probe) else DEFAULT_LAYER_DECAY
+
+    @property
+    def mode(self) -> str:
+        return "lora" if self.lora else "linear_probe" if self.linear_probe else "full"
+
+
+def _coerce(name: str, value: Any, annotation: str, origin: str) -> Any:
+    """YAML reads `5e-5` as a string (it wants `5.0e-5`): turn numeric-looking strings into numbers."""
+    if not isinstance(value, str) or annotation.startswith("str"):
+        return value
+    try:
+        if annotation.startswith("float | int"):
+            return _fraction_or_count(value)
+        if annotation.startswith("float"):
+            return float(value)
+        if annotation.startswith("int"):
+            return int(value)
+    except ValueError:
+        raise FinetuneConfigError(f"Setting {name}={value!r} in {origin} is not a number.") from None
+    if annotation == "bool" and value.lower() in ("true", "false", "yes", "no"):
+        return value.lower() in ("true", "yes")
+    return value
+
+
+def resolve_recipe(recipe: str | os.PathLike) -> Path:
+    """A YAML path, or the name of a packaged recipe (`esc50` -> recipes/finetune_esc50.yaml)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    text = os.fspath(recipe)
+    for candidate in (RECIPES_DIR / f"finetune_{text}.yaml", RECIPES_DIR / f"{text}.yaml", RECIPES_DIR / text):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem.removeprefix("finetune_") for p in RECIPES_DIR.glob("finetune_*.yaml"))
+    raise FinetuneConfigError(f"Recipe '{recipe}' is neither a YAML file nor a packaged recipe; packaged: {available}.")
+
+
+# ================================================================================================================
+# 1. Data
+
+
+@dataclass
+class PreparedData:
+    """The checked corpora and the label space they define."""
+
+    train: Any
+    validation: Any
+    test: Any | None
+    label2id: dict[str, int]
+    id2label: dict[int, str]
+    problem_type: str
+    summaries: dict[str, dict[str, Any]]
+
+
+def _load(config: FinetuneConfig, source: str, split: str | None) -> Any:
+    return load_audio_corpus(
+        source, split=split, audio_column=config.audio_column, label_column=config.label_column,
+        tags_separator=config.tags_separator, labels_from_folders=True,
+    )  # fmt: skip
+
+
+def check_empty_class_folders(source: str, split: str | None) -> None:
+    """An audiofolder whose class folder holds no audio would silently lose that class: fail instead."""
+    root = Path(source)
+    if not root.is_dir() or any((root / n).exists() for n in ("dataset_dict.json", "state.json")):
+        return
+    subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if split and subfolders and all(p.name.lower() in SPLIT_FOLDER_NAMES for p in subfolders):
+        root = root / split
+        if not root.is_dir():
+            return  # load_audio_corpus reports the missing split folder
+        subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if any((root / n).is_file() for n in ("metadata.csv", "metadata.jsonl", "metadata.tsv")):
+        return
+    empty = sorted(
+        folder.name for folder in subfolders
+        if not any(is_audio_file(p) for p in folder.rglob("*") if p.is_file())
+    )  # fmt: skip
+    if empty:
+        raise CorpusError(
+            f"{len(empty)} class folder(s) of '{root}' hold no audio files: {empty}. Add clips to them, or remove the "
+            "empty folders (a class without examples cannot be learned)."
+        )
+
+
+def _tag_lists(dataset: Any) -> list[list[str]]:
+    return [list(tags or []) for tags in dataset.with_format(None)[LABELS_COLUMN]]
+
+
+def _row_name(dataset: Any, index: int) -> str:
+    entry = dataset.with_format(None)[index]["audio"]
+    path = entry.get("path") if isinstance(entry, Mapping) else entry
+    return str(path) if path else f"row {index}"
+
+
+def check_known_labels(dataset: Any, label2id: Mapping[str, int], split_name: str, max_listed: int = 10) -> None:
+    """Every tag of an evaluation split must be a training label; list the rows that break this."""
+    bad = [(i, sorted(set(tags) - set(label2id))) for i, tags in enumerate(_tag_lists(dataset)) if set(tags) - set(label2id)]
+    if bad:
+        shown = "\n".join(f"    row {i} ({_row_name(dataset, i)}): unknown tag(s) {tags}" for i, tags in bad[:max_listed])
+        more = f"\n    ... and {len(bad) - max_listed} more" if len(bad) > max_listed else ""
+        unknown = sorted({t for _, tags in bad for t in tags})
+        raise CorpusError(
+            f"{len(bad)} row(s) of the {split_name} set use tags {unknown} that the training set does not have:\n"
+            f"{shown}{more}\n  The training labels are {sorted(label2id)}. Fix the tags, drop those rows, or add "
+            "training clips for them.",
+            rows=[i for i, _ in bad],
+        )
+
+
+def check_single_label(dataset: Any, split_name: str, max_listed: int = 10) -> None:
+    bad = [(i, tags) for i, tags in enumerate(_tag_lists(dataset)) if len(tags) != 1]
+    if bad:
+        shown = "\n".join(f"    row {i} ({_row_name(dataset, i)}): {tags}" for i, tags in bad[:max_listed])
+        raise CorpusError(
+            f"problem_type is {SINGLE_LABEL!r} but {len(bad)} row(s) of the {split_name} set do not have exactly one "
+            f"tag:\n{shown}\n  Give each clip one tag, or use problem_type={MULTI_LABEL!r} (or 'auto').",
+            rows=[i for i, _ in bad],
+        )
+
+
+def prepare_data(config: FinetuneConfig) -> PreparedData:
+    """Load, split and check all corpora; every failure happens here, before a model is built."""
+    check_empty_class_folders(config.data, config.train_split)
+    full_train = _load(config, config.data, config.train_split)
+    validate_corpus(full_train, labels=config.labels, require_labels=True, check_audio=config.check_audio,
+                    split_name="training")  # fmt: skip
+    label2id, id2label, detected = build_label_maps(full_train, labels=config.labels)
+
+    carved = config.validation_data is None and config.validation_split is None
+    if carved:
+        single = detected == SINGLE_LABEL
+        parts = split_corpus(full_train, test_size=config.validation_size, seed=config.seed, stratify=single)
+        train, validation = parts["train"], parts["test"]
+    else:
+        train = full_train
+        source = config.validation_data or config.data
+        if config.validation_data is not None:
+            check_empty_class_folders(config.validation_data, config.validation_split)
+        validation = _load(config, source, config.validation_split or "validation")
+        validate_corpus(validation, require_labels=True, check_audio=config.check_audio, split_name="validation")
+        check_known_labels(validation, label2id, "validation")
+
+    test = None
+    if config.test_data is not None or config.test_split is not None:
+        test = _load(config, config.test_data or config.data, config.test_split or "test")
+        validate_corpus(test, require_labels=True, check_audio=config.check_audio, split_name="test")
+        check_known_labels(test, label2id, "test")
+
+    counts = Counter(tag for tags in _tag_lists(train) for tag in tags)
+    empty = [label for label in label2id if counts.get(label, 0) == 0]
+    if empty:
+        raise CorpusError(
+            f"{len(empty)} label(s) have no training example once the validation clips are held out: {empty}. Add "
+            "clips for them, use a smaller validation_size, or give a separate validation_data."
+        )
+
+    problem_type = config.problem_type
+    if problem_type == "auto":
+        splits = [validation] + ([test] if test is not None else [])
+        multi = detected == MULTI_LABEL or any(len(t) > 1 for s in splits for t in _tag_lists(s))
+        problem_type = MULTI_LABEL if multi else SINGLE_LABEL
+    if problem_type == SINGLE_LABEL:
+        for name, dataset in (("training", full_train), ("validation", validation), ("test", test)):
+            if dataset is not None:
+                check_single_label(dataset, name)
+
+    def summary(dataset: Any) -> dict[str, Any]:
+        tag_counts = Counter(tag for tags in _tag_lists(dataset) for tag in tags)
+        return {"num_clips": len(dataset), "label_counts": {label: int(tag_counts.get(label, 0)) for label in label2id}}
+
+    summaries = {"train": summary(train), "validation": summary(validation)}
+    summaries["validation"]["source"] = "held out of the training corpus" if carved else (config.validation_data or config.data)
+    if test is not None:
+        summaries["test"] = summary(test)
+    return PreparedData(train, validation, test, label2id, id2label, problem_type, summaries)
+
+
+def balanced_sample_weights(tag_lists: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Clip weight = sum over its tags of 1 / (clips with that tag): rare classes are drawn as often as common ones."""
+    counts = Counter(tag for tags in tag_lists for tag in tags)
+    return torch.tensor([sum(1.0 / counts[t] for t in tags) if tags else 0.0 for tags in tag_lists], dtype=torch.double)
+
+
+# ================================================================================================================
+# 2. Model
+
+
+def clip_samples_for(feature_extractor: CATFeatureExtractor) -> int:
+    """Waveform samples that give exactly `max_length` frames (25 ms window, 10 ms shift)."""
+    window = int(feature_extractor.sampling_rate * feature_extractor.frame_length_ms / 1000)
+    shift = int(feature_extractor.sampling_rate * feature_extractor.frame_shift_ms / 1000)
+    return window + (feature_extractor.max_length - 1) * shift
+
+
+def build_feature_extractor(config: FinetuneConfig) -> CATFeatureExtractor:
+    """The model folder's extractor (else the AudioSet one), then `feature_preset`, then `max_length` on top."""
+    extractor = None
+    if config.model and Path(config.model, "preprocessor_config.json").is_file():
+        extractor = CATFeatureExtractor.from_pretrained(config.model)
+    elif config.model and not Path(config.model).exists():
+        try:  # a Hub id
+            extractor = CATFeatureExtractor.from_pretrained(config.model)
+        except (OSError, ValueError):  # offline, or no feature extractor there: fall back to a preset
+            extractor = None
+    if extractor is None:
+        extractor = CATFeatureExtractor.from_preset(config.feature_preset or "audioset")
+    elif config.feature_preset is not None:
+        for key, value in FEATURE_PRESETS[config.feature_preset].items():
+            setattr(extractor, key, value)
+    if config.max_length is not None:
+        extractor.max_length = int(config.max_length)
+    extractor.padding = "max_length"
+    return extractor
+
+
+def build_model(config: FinetuneConfig, data: PreparedData):
+    """A CATForAudioClassification for our labels: from a pretrained folder, or a preset from scratch."""
+    from .configuration_cat import CATConfig
+    from .modeling_cat import CATForAudioClassification
+
+    label_kwargs = dict(num_labels=len(data.label2id), id2label=data.id2label, label2id=data.label2id,
+                        problem_type=data.problem_type)  # fmt: skip
+    if config.model:
+        source_labels = _source_id2label(config.model)
+        model = CATForAudioClassification.from_pretrained(
+            config.model, ignore_mismatched_sizes=True, drop_path_rate=config.drop_path_rate, **label_kwargs
+        )
+        if source_labels != {i: label for i, label in data.id2label.items()}:
+            # Same shape but other classes (or another order): the old head would silently mislabel.
+            with torch.no_grad():
+                torch.nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
+                torch.nn.init.zeros_(model.classifier.bias)
+    else:
+        logger.warning("No pretrained model given: training preset %s from scratch.", config.preset)
+        model = CATForAudioClassification(
+            CATConfig.from_preset(config.preset, drop_path_rate=config.drop_path_rate, **label_kwargs)
+        )
+    return model
+
+
+def _source_id2label(model: str) -> dict[int, str] | None:
+    """The label map of a local model folder's config (None when it has none / is not local)."""
+    config_file = Path(model, "config.json")
+    if not config_file.is_file():
+        return None
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    id2label = raw.get("id2label")
+    return {int(k): str(v) for k, v in id2label.items()} if isinstance(id2label, dict) else None
+
+
+def freeze_encoder(model: torch.nn.Module) -> None:
+    """Linear probe: only the head (fc_norm + classifier) trains."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith(("fc_norm.", "classifier."))
+
+
+def set_train_mode(model: torch.nn.Module, accelerator: Any, linear_probe: bool) -> None:
+    """model.train(), except that a frozen encoder stays in eval mode (no dropout / drop path on fixed features)."""
+    model.train()
+    if linear_probe:
+        accelerator.unwrap_model(model).cat.eval()
+
+
+# ================================================================================================================
+# 3. Optimiser
+
+
+_BLOCK_PATTERN = re.compile(r"(?:^|\.)cat\.layers\.(\d+)\.")
+_STEM_PATTERN = re.compile(r"(?:^|\.)cat\.embeddings\.")
+
+
+def layer_lr_scale(name: str, num_layers: int, layer_decay: float, decay_stem: bool = False) -> float:
+    """Learning-rate multiplier of a parameter (the rule is in the module docstring)."""
+    block = _BLOCK_PATTERN.search(name)
+    if block is not None:
+        return layer_decay ** (num_layers - int(block.group(1)))
+    if decay_stem and _STEM_PATTERN.search(name):
+        return layer_decay ** (num_layers + 1)
+    return 1.0
+
+
+def uses_weight_decay(name: str, parameter: torch.Tensor) -> bool:
+    """No weight decay on biases and 1-D parameters (LayerNorm weights), as the original."""
+    return parameter.ndim > 1 and not name.endswith(".bias")
+
+
+def build_param_groups(
+    model: torch.nn.Module,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    layer_decay: float,
+    num_layers: int,
+    decay_stem: bool = False,
+) -> list[dict[str, Any]]:
+    """One AdamW group per (lr scale, weight decay on/off) over the trainable parameters."""
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        scale = layer_lr_scale(name, num_layers, layer_decay, decay_stem)
+        decay = uses_weight_decay(name, parameter)
+        group = groups.setdefault((scale, decay), {
+            "params": [], "names": [], "lr": learning_rate * scale, "lr_scale": scale,
+            "weight_decay": weight_decay if decay else 0.0,
+        })  # fmt: skip
+        group["params"].append(parameter)
+        group["names"].append(name)
+    if not groups:
+        raise FinetuneConfigError("The model has no trainable parameters; check the lora / linear_probe settings.")
+    return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear from `min_ratio` to 1 over the warm-up, then cosine back down to `min_ratio`."""
+    if step < warmup_steps:
+        return min_ratio + (1.0 - min_ratio) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ================================================================================================================
+# 4. Training step pieces
+
+
+def featurize(
+    feature_extractor: CATFeatureExtractor, waveforms: torch.Tensor, lengths: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """(B, N) zero-padded waveforms -> (B, max_length, 128) features. Each clip is cut to its real length first, so
+    that short clips are padded in the filter-bank domain, as the original does."""
+    window = int(feature_extractor.sampling_rate * feature_extractor.frame_length_ms / 1000)
+    clips = [wave[: max(int(n), window)] for wave, n in zip(waveforms.float().cpu(), lengths.tolist())]
+    inputs = feature_extractor(clips, sampling_rate=feature_extractor.sampling_rate, padding="max_length",
+                               return_attention_mask=False, return_tensors="pt", device=device)  # fmt: skip
+    return inputs["input_values"]
+
+
+def make_targets(labels: torch.Tensor, num_labels: int, problem_type: str, label_smoothing: float) -> torch.Tensor:
+    """(B, C) float targets: one-hot (single-label) or multi-hot, smoothed as y (1 - eps) + eps / C."""
+    if problem_type == SINGLE_LABEL:
+        targets = F.one_hot(labels.long(), num_labels).float()
+    else:
+        targets = labels.float()
+    if label_smoothing > 0:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_labels
+    return targets
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """Soft-target cross-entropy ("ce", = cross_entropy with label smoothing when unmixed) or mean BCE ("bce")."""
+    logits = logits.float()
+    if loss == "ce":
+        return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+# ================================================================================================================
+# Validation
+
+
+class Validator:
+    """Scores the validation loader with the run's metric (accuracy via topk_accuracy, mAP via multilabel_tagging)."""
+
+    def __init__(self, metric: str, problem_type: str, num_labels: int):
+        from .metrics import load_metric
+
+        self.metric = metric
+        self.problem_type = problem_type
+        self.num_labels = num_labels
+        self.module = load_metric("multilabel_tagging" if metric == "mAP" else "topk_accuracy")
+
+    @torch.no_grad()
+    def __call__(self, model, loader, feature_extractor, accelerator) -> dict[str, float]:
+        model.eval()
+        scores, references = [], []
+        for batch in loader:
+            if batch is None:
+                continue
+            features = featurize(feature_extractor, batch["waveform"], batch["length"], accelerator.device)
+            logits = model(input_values=features).logits.float()
+            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+            probabilities = torch.sigmoid(logits) if self.problem_type == MULTI_LABEL else torch.softmax(logits, -1)
+            scores.append(probabilities.cpu().numpy())
+            references.append(labels.cpu().numpy())
+        if not scores:
+            return {self.metric: float("nan"), "num_examples": 0}
+        predictions = np.concatenate(scores).astype(np.float64)
+        targets = np.concatenate(references)
+        if self.metric == "mAP":
+            if self.problem_type == SINGLE_LABEL:
+                targets = np.eye(self.num_labels, dtype=np.int64)[targets]
+            result = self.module.compute(predictions=predictions, references=targets.astype(np.int64))
+            return {"mAP": float(result["mAP"]), "mAUC": float(result["mAUC"]), "num_examples": len(predictions)}
+        result = self.module.compute(predictions=predictions, references=targets.astype(np.int64), top_k=[1])
+        return {"accuracy": float(result["accuracy"]), "num_examples": len(predictions)}
+
+
+# ================================================================================================================
+# 5. Saving and export
+
+
+def save_checkpoint(model, feature_extractor: CATFeatureExtractor, folder: Path, lora: bool) -> None:
+    """The model (or the LoRA adapter alone) + feature extractor, every file written atomically."""
+    from .lora import save_lora_adapter, write_folder_atomically
+
+    if lora:
+        save_lora_adapter(model, folder, feature_extractor)
+        return
+
+    def write(temporary: Path) -> None:
+        model.save_pretrained(temporary)
+        feature_extractor.save_pretrained(temporary)
+
+    write_folder_atomically(folder, write)
+
+
+def write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
+    from .lora import write_folder_atomically
+
+    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+    write_folder_atomically(path.parent, lambda folder: (folder / path.name).write_text(text, encoding="utf-8"))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _prepare_output_dir(config: FinetuneConfig) -> Path:
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
+        raise FinetuneConfigError(
+            f"output_dir '{output_dir}' exists and is not empty; choose another output_dir or pass "
+            "overwrite_output_dir (--overwrite-output-dir) to write into it."
+        )
+    return output_dir
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"cat_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "peft": peft.__version__}  # fmt: skip
+
+
+# ================================================================================================================
+# The run
+
+
+def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Run a finetuning job end to end (see the module docstring); returns the training summary, with the final
+    evaluation under "eval_results" and the written folders under "output_dir" / "merged_dir"."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .lora import (
+        LoraSettings,
+        add_lora,
+        count_parameters,
+        describe_trainable,
+        load_lora_model,
+        merge_lora,
+    )
+
+    if not isinstance(config, FinetuneConfig):
+        config = FinetuneConfig.from_dict(config)
+    config.validate()
+    output_dir = _prepare_output_dir(config)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=list(config.report_to) or None,
+        project_dir=str(output_dir / "logs"),
+    )
+    set_seed(config.seed)
+    started = time.time()
+
+    # 1. Data --------------------------------------------------------------------------------------------------
+    data = prepare_data(config)
+    num_labels = len(data.label2id)
+    loss_kind = config.loss if config.loss != "auto" else ("bce" if data.problem_type == MULTI_LABEL else "ce")
+    if loss_kind == "ce" and data.problem_type == MULTI_LABEL:
+        raise FinetuneConfigError("loss='ce' needs single-label data; multi-label tagging uses loss='bce' (or 'auto').")
+    metric = config.metric if config.metric != "auto" else ("mAP" if data.problem_type == MULTI_LABEL else "accuracy")
+    if metric == "accuracy" and data.problem_type == MULTI_LABEL:
+        raise FinetuneConfigError("metric='accuracy' needs single-label data; use metric='mAP' (or 'auto').")
+    accelerator.print(
+        f"data: {data.summaries['train']['num_clips']} training / {data.summaries['validation']['num_clips']} validation "
+        f"clips, {num_labels} labels, {data.problem_type}, loss {loss_kind}, metric {metric}"
+    )
+
+    # 2. Model -------------------------------------------------------------------------------------------------
+    feature_extractor = build_feature_extractor(config)
+    model = build_model(config, data)
+    num_layers = model.config.num_hidden_layers
+    if config.lora:
+        model = add_lora(model, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                             target_modules=list(config.lora_target_modules)), verbose=False)  # fmt: skip
+    elif config.linear_probe:
+        freeze_encoder(model)
+    accelerator.print(describe_trainable(model, config.mode.replace("_", " ")))
+    trainable, total = count_parameters(model)
+
+    # 3. Optimiser ---------------------------------------------------------------------------------------------
+    layer_decay = config.effective_layer_decay()
+    groups = build_param_groups(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                                layer_decay=layer_decay, num_layers=num_layers, decay_stem=config.layer_decay_stem)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups],
+        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+    )  # fmt: skip
+    min_ratio = config.min_learning_rate / config.learning_rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                                              min_ratio=min_ratio),
+    )  # fmt: skip
+
+    # 4. Loaders -----------------------------------------------------------------------------------------------
+    clip_samples = clip_samples_for(feature_extractor)
+    dataset_kwargs = dict(clip_samples=clip_samples, label2id=data.label2id, problem_type=data.problem_type,
+                          seed=config.seed, sampling_rate=feature_extractor.sampling_rate)  # fmt: skip
+    train_set = AudioClipDataset(data.train, train=True, **dataset_kwargs)
+    validation_set = AudioClipDataset(data.validation, train=False, **dataset_kwargs)
+    sampler_generator = torch.Generator().manual_seed(config.seed)
+    if config.balanced_sampling:
+        sampler = torch.utils.data.WeightedRandomSampler(
+            balanced_sample_weights(_tag_lists(data.train)), num_samples=config.samples_per_epoch or len(train_set),
+            replacement=True, generator=sampler_generator,
+        )  # fmt: skip
+    else:
+        sampler = torch.utils.data.RandomSampler(train_set, generator=sampler_generator)
+    loader_kwargs = dict(collate_fn=collate_skip_bad, num_workers=config.num_workers,
+                         persistent_workers=config.num_workers > 0)  # fmt: skip
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=config.batch_size, sampler=sampler, drop_last=len(sampler) >= config.batch_size,
+        **loader_kwargs,
+    )  # fmt: skip
+    validation_loader = torch.utils.data.DataLoader(
+        validation_set, batch_size=config.eval_batch_size or config.batch_size, shuffle=False, **loader_kwargs
+    )
+    model, optimizer, train_loader, validation_loader = accelerator.prepare(
+        model, optimizer, train_loader, validation_loader
+    )
+    # The scheduler is stepped by hand once per optimiser update (not per process, as a prepared one would be).
+    augmenter = Augmenter(AugmentationConfig(**config.augmentation_kwargs()), seed=config.seed + accelerator.process_index)
+    validator = Validator(metric, data.problem_type, num_labels)
+    if config.report_to:
+        accelerator.init_trackers("finetune", config={k: v for k, v in dataclasses.asdict(config).items()
+                                                      if isinstance(v, (int, float, str, bool))})  # fmt: skip
+
+    # 5. Loop --------------------------------------------------------------------------------------------------
+    best_dir = output_dir / BEST_CHECKPOINT_DIR
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"step": None, metric: None}
+    step, epoch, running_loss, running_count = 0, 0, 0.0, 0
+    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+    set_train_mode(model, accelerator, config.linear_probe)
+    accelerator.print(f"training {config.max_steps} steps, batch {config.batch_size} x {config.gradient_accumulation_steps} "
+                      f"accumulation x {accelerator.num_processes} process(es), layer decay {layer_decay}")  # fmt: skip
+    while step < config.max_steps:
+        train_set.set_epoch(epoch)
+        steps_before = step
+        for batch in train_loader:
+            if batch is None:  # every clip of the batch was unreadable
+                continue
+            waveforms = augmenter.waveforms(batch["waveform"], batch["length"])
+            features = featurize(feature_extractor, waveforms, batch["length"], accelerator.device)
+            targets = make_targets(batch["labels"], num_labels, data.problem_type, config.label_smoothing)
+            features, targets = augmenter.features(features, targets.to(features.device))
+            with accelerator.accumulate(model):
+                logits = model(input_values=features).logits
+                loss = compute_loss(logits, targets, loss_kind)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable_parameters, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += float(loss.detach())
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            if step % config.logging_steps == 0 or step == config.max_steps:
+                lr = optimizer.param_groups[0]["lr"]
+                accelerator.print(f"step {step}/{config.max_steps}  loss {running_loss / running_count:.4f}  "
+                                  f"lr {lr:.3g}  ({time.time() - started:.0f} s)")  # fmt: skip
+                accelerator.log({"train/loss": running_loss / running_count, "train/lr": lr}, step=step)
+                running_loss, running_count = 0.0, 0
+            if step % config.eval_steps == 0 or step == config.max_steps:
+                scores = validator(model, validation_loader, feature_extractor, accelerator)
+                set_train_mode(model, accelerator, config.linear_probe)
+                value = scores[metric]
+                improved = not math.isnan(value) and (best[metric] is None or value > best[metric])
+                history.append({"step": step, "epoch": epoch, **scores, "best": improved})
+                accelerator.print(f"step {step}: validation {metric} {value:.4f}" + ("  (best so far)" if improved else ""))
+                accelerator.log({f"validation/{k}": v for k, v in scores.items()}, step=step)
+                if improved:
+                    best = {"step": step, metric: value}
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        save_checkpoint(accelerator.unwrap_model(model), feature_extractor, best_dir, config.lora)
+            if step >= config.max_steps:
+                break
+        if step == steps_before:
+            raise CorpusError(
+                f"A whole pass over the {len(train_set)} training clips gave no usable batch ({train_set.num_skipped} "
+                "clips could not be decoded); check the audio files (check_audio / --check-audio lists them)."
+            )
+        epoch += 1
+    skipped = train_set.num_skipped + validation_set.num_skipped
+    accelerator.wait_for_everyone()
+    if config.report_to:
+        accelerator.end_training()
+
+    # 6. Export ------------------------------------------------------------------------------------------------
+    result: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        if best["step"] is None:  # the metric was never defined (e.g. no positive validation tag): keep the last model
+            logger.warning("Validation %s was never defined; exporting the last model.", metric)
+            save_checkpoint(accelerator.unwrap_model(model), feature_extractor, best_dir, config.lora)
+        for path in sorted(best_dir.iterdir()):
+            os.replace(path, output_dir / path.name)
+        shutil.rmtree(best_dir, ignore_errors=True)
+        summary = {
+            "format": "cat-hf-finetune/1",
+            "mode": config.mode,
+            "base_model": config.model,
+            "preset": None if config.model else config.preset,
+            "problem_type": data.problem_type,
+            "num_labels": num_labels,
+            "labels": [data.id2label[i] for i in range(num_labels)],
+            "loss": loss_kind,
+            "metric": metric,
+            "best_step": best["step"],
+            "best_metric": best[metric],
+            "steps": step,
+            "epochs": epoch,
+            "train_runtime_s": round(time.time() - started, 1),
+            "layer_decay": layer_decay,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "trainable_share": trainable / total,
+            "input_frames": feature_extractor.max_length,
+            "skipped_clips": skipped,
+            "data": data.summaries,
+            "history": history,
+            "config": dataclasses.asdict(config),
+            "versions": _versions(),
+        }
+        write_json_atomically(output_dir / SUMMARY_FILE, summary)
+
+        # Final scores on whole clips (sliding windows), with the exported files: a real round trip.
+        from .evaluation import evaluate_model
+
+        evaluation_set, split_name = (data.test, "test") if data.test is not None else (data.validation, "validation")
+        dataset_name = (config.test_data if data.test is not None else config.validation_data) or config.data
+        if config.lora:
+            evaluated = load_lora_model(output_dir)
+            extractor = CATFeatureExtractor.from_pretrained(output_dir)
+        else:
+            evaluated, extractor = str(output_dir), None
+        eval_results = evaluate_model(
+            evaluated, evaluation_set, feature_extractor=extractor, output_dir=output_dir, split=split_name,
+            batch_size=config.eval_batch_size or config.batch_size, dataset_name=str(dataset_name),
+        )  # fmt: skip
+        result = {**summary, "output_dir": str(output_dir), "eval_results": eval_results["metrics"]}
+        if config.merge:
+            result["merged_dir"] = str(merge_lora(output_dir, output_dir / MERGED_DIR))
+        accelerator.print(f"best validation {metric} {best[metric]} at step {best['step']}; final {split_name} "
+                          f"{eval_results['metrics']}; model in {output_dir}")  # fmt: skip
+    accelerator.wait_for_everyone()
+    return result
+
+
+# ================================================================================================================
+# Command line
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags override the recipe; a flag left out keeps the recipe's (or the default) value."""
+    S = argparse.SUPPRESS
+    parser.add_argument("--config", default=None, metavar="RECIPE",
+                        help="recipe YAML file or packaged name (tiny, as20k, as2m, esc50, spcv2)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default=S, help="training corpus: Hub dataset, audiofolder, path,tags CSV/JSONL, saved dataset")
+    group.add_argument("--train-split", default=S, help="split of --data to train on (default train)")
+    group.add_argument("--validation-data", default=S, help="separate validation corpus")
+    group.add_argument("--validation-split", default=S, help="split of --data (or --validation-data) to validate on")
+    group.add_argument("--validation-size", type=_fraction_or_count, default=S,
+                       help="fraction or number of training clips held out for validation (default 0.1)")
+    group.add_argument("--test-data", default=S, help="optional test corpus scored into eval_results.json")
+    group.add_argument("--test-split", default=S, help="split of --data (or --test-data) used as test set")
+    group.add_argument("--audio-column", default=S)
+    group.add_argument("--label-column", default=S)
+    group.add_argument("--tags-separator", default=S, help="separator of tags in a CSV tags column (default ',')")
+    group.add_argument("--labels", type=_comma_list, default=S, help="fixed comma-separated label list (class order)")
+    group.add_argument("--problem-type", choices=PROBLEM_TYPES, default=S,
+                       help="auto: multi-label iff some clip has more than one tag")
+    group.add_argument("--check-audio", action="store_true", default=S, help="read every file header before training")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=S, help="pretrained CAT folder or Hub id (omit to train --preset from scratch)")
+    group.add_argument("--preset", default=S, help="architecture for from-scratch training (cat-tiny ... cat-large)")
+    group.add_argument("--feature-preset", choices=sorted(FEATURE_PRESETS), default=S,
+                       help="feature statistics and length of a CAT recipe")
+    group.add_argument("--max-length", type=int, default=S, help="input frames (multiple of 16)")
+    group.add_argument("--drop-path-rate", type=float, default=S)
+    group = parser.add_argument_group("optimisation")
+    for flag, kind in (("--max-steps", int), ("--warmup-steps", int), ("--learning-rate", float),
+                       ("--min-learning-rate", float), ("--weight-decay", float), ("--adam-beta1", float),
+                       ("--adam-beta2", float), ("--adam-epsilon", float), ("--layer-decay", float),
+                       ("--batch-size", int), ("--gradient-accumulation-steps", int), ("--max-grad-norm", float),
+                       ("--label-smoothing", float), ("--mixup-alpha", float), ("--mixup-prob", float),
+                       ("--freq-mask-ratio", float), ("--time-mask-ratio", float), ("--samples-per-epoch", int),
+                       ("--eval-steps", int), ("--eval-batch-size", int), ("--seed", int), ("--num-workers", int),
+                       ("--logging-steps", int), ("--lora-r", int), ("--lora-alpha", int), ("--lora-dropout", float)):  # fmt: skip
+        group.add_argument(flag, type=kind, default=S)
+    group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=S)
+    group.add_argument("--loss", choices=LOSSES, default=S, help="auto: ce for single-label, bce for multi-label")
+    group.add_argument("--metric", choices=METRICS, default=S, help="best-checkpoint metric (auto: accuracy / mAP)")
+    for name, help_text in (("layer-decay-stem", "also decay the stem / CLS token (BEiT rule)"),
+                            ("roll", "random circular time shift of the waveform"),
+                            ("gain", "random waveform gain Beta(10,10)+0.5"),
+                            ("noise", "feature noise + frame shift (Speech Commands recipe)"),
+                            ("balanced-sampling", "draw clips with inverse-label-frequency weights"),
+                            ("linear-probe", "freeze the encoder; train fc_norm + classifier only"),
+                            ("lora", "train LoRA adapters (see cat_hf.lora) + the head"),
+                            ("merge", "with --lora: also write <output-dir>/merged, a plain model folder"),
+                            ("overwrite-output-dir", "write into an existing non-empty output folder")):  # fmt: skip
+        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=S, help=help_text)
+    group.add_argument("--lora-target-modules", type=_comma_list, default=S, help="comma list (default q_proj,v_proj)")
+    group.add_argument("--output-dir", default=S, help="where the exported model goes (default ./cat-finetuned)")
+    group.add_argument("--report-to", type=_comma_list, default=S, help="trackers, e.g. tensorboard")
+    group = parser.add_argument_group("merge an existing adapter (no training)")
+    group.add_argument("--merge-adapter", default=None, metavar="ADAPTER_DIR",
+                       help="fold the LoRA adapter in ADAPTER_DIR into its base model, write --output-dir, and exit")
+    group.add_argument("--base-model", default=None, help="with --merge-adapter: base model to use instead of the "
+                                                          "one recorded in the adapter")  # fmt: skip
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _fraction_or_count(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    overrides = {name: getattr(args, name) for name in FinetuneConfig.field_names() if hasattr(args, name)}
+    if args.config:
+        return FinetuneConfig.from_yaml(args.config, **overrides)
+    return FinetuneConfig.from_dict(overrides, origin="the command line")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        if args.merge_adapter:
+            from .lora import merge_lora
+
+            output_dir = getattr(args, "output_dir", None) or f"{Path(args.merge_adapter).resolve().name}-merged"
+            print(f"merged model written to {merge_lora(args.merge_adapter, output_dir, args.base_model)}")
+            return 0
+        result = finetune(config_from_args(args))
+    except (CorpusError, FinetuneConfigError) as err:
+        print(f"cat-hf finetune: error: {err}", file=sys.stderr)
+        return 2
+    if result:
+        print(json.dumps({k: result[k] for k in ("output_dir", "best_step", "best_metric", "eval_results")
+                          if k in result}, indent=2, default=str))  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cat_hf.finetune", description="Finetune CAT (fully, linear probe, or LoRA).")
+    add_cli_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneConfigError",
+    "PreparedData",
+    "add_cli_arguments",
+    "balanced_sample_weights",
+    "build_feature_extractor",
+    "build_model",
+    "build_param_groups",
+    "check_empty_class_folders",
+    "check_known_labels",
+    "compute_loss",
+    "featurize",
+    "finetune",
+    "layer_lr_scale",
+    "make_targets",
+    "prepare_data",
+    "resolve_recipe",
+    "run_cli",
+    "warmup_cosine",
+]

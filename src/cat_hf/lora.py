@@ -1,0 +1,264 @@
+"""LoRA finetuning of CAT classifiers with PEFT: wrap, save the adapter alone, reload, merge.
+
+Defaults (`LoraSettings`): rank 8, alpha 16, dropout 0.1 on the attention query and value projections
+(`target_modules = ["q_proj", "v_proj"]`, the LoRA paper's choice); the classification head - `fc_norm` and
+`classifier`, which are new for every label set - is trained in full through PEFT's `modules_to_save`. The LoRA
+weights are 0.3 % of cat-base; with a 527-class AudioSet head 0.76 % of the parameters train (cat-tiny, 10 classes:
+1.1 %).
+
+PEFT has no audio-classification `TaskType`, so the model is wrapped as a plain `PeftModel` (no `task_type`): its
+forward passes every argument through to `CATForAudioClassification.forward(input_values, attention_mask, labels,
+**kwargs)`, which returns a loss when given `labels` and ignores extra keyword arguments - so the wrapped model
+trains under transformers' `Trainer` as well as under the `cat_hf.finetune` loop.
+
+An adapter folder (`save_lora_adapter`) holds:
+
+- `adapter_model.safetensors`, `adapter_config.json` - PEFT's files; `base_model_name_or_path` is the pretrained
+  CAT the adapter was trained on (absolute path for local folders),
+- `classifier_config.json` - the `CATConfig` of the finetuned classifier (labels, `problem_type`), needed to rebuild
+  the head before the adapter is loaded,
+- `preprocessor_config.json` - the feature extractor.
+
+`load_lora_model(adapter_dir)` rebuilds base + adapter; `merge_lora(adapter_dir, output_dir)` writes a plain
+`CATForAudioClassification` folder (LoRA folded into the weights) that `pipeline("audio-classification")` serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.utils import logging as hf_logging
+
+from .configuration_cat import CATConfig
+from .feature_extraction_cat import CATFeatureExtractor
+from .modeling_cat import CATForAudioClassification
+
+#: The attention projections LoRA adapts by default (query and value, as in the LoRA paper).
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "v_proj")
+#: Modules trained in full and saved with the adapter: the head is new for every label set.
+DEFAULT_MODULES_TO_SAVE: tuple[str, ...] = ("fc_norm", "classifier")
+#: File in an adapter folder with the finetuned classifier's config (labels, problem_type).
+CLASSIFIER_CONFIG_NAME = "classifier_config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+#: Run records copied from an adapter folder into its merged folder.
+RUN_RECORD_FILES = ("training_summary.json", "eval_results.json", "per_class_scores.csv", "predictions.csv",
+                    "confusion_matrix.png")  # fmt: skip
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (see the module docstring for why these defaults)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    modules_to_save: Sequence[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_SAVE))
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules is empty; name at least one Linear layer, e.g. ['q_proj', 'v_proj'].")
+
+    def to_peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            modules_to_save=list(self.modules_to_save),
+            bias="none",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wrapping
+
+
+def add_lora(model: CATForAudioClassification, settings: LoraSettings | None = None, *, verbose: bool = True) -> PeftModel:
+    """Wrap a classifier with LoRA adapters (in place) and print the trainable share of the parameters.
+
+    The adapter remembers `model.name_or_path` as its base model: load `model` with `from_pretrained` from the
+    pretrained folder it should later be rebuilt from.
+    """
+    settings = settings or LoraSettings()
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [name for name in settings.target_modules if name not in linear_names]
+    if missing:
+        raise ValueError(
+            f"LoRA target_modules {missing} are not Linear layers of {type(model).__name__}; CAT's are "
+            f"{sorted(linear_names)} (attention: q_proj, k_proj, v_proj, o_proj; MLP: fc1, fc2)."
+        )
+    child_names = {name for name, _ in model.named_children()}
+    unknown = [name for name in settings.modules_to_save if name not in child_names]
+    if unknown:
+        raise ValueError(f"modules_to_save {unknown} are not modules of the classifier; use {sorted(child_names)}.")
+    name_or_path = getattr(model, "name_or_path", "") or ""
+    if name_or_path and Path(name_or_path).is_dir():
+        model.name_or_path = os.path.abspath(name_or_path)  # the adapter must find its base from anywhere
+    peft_model = get_peft_model(model, settings.to_peft_config())
+    if verbose:
+        print(describe_trainable(peft_model, "LoRA"))
+    return peft_model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters. For a PEFT model, "all" counts the base model plus the adapters (each
+    `modules_to_save` copy once, so the head is not counted twice)."""
+    if isinstance(model, PeftModel):
+        trainable, _ = model.get_nb_trainable_parameters()
+        base = model.get_base_model()
+        adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        return trainable, sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n and
+                              ".modules_to_save." not in n) + adapters  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def describe_trainable(model: torch.nn.Module, what: str = "model") -> str:
+    trainable, total = count_parameters(model)
+    return f"{what}: trainable params: {trainable:,} || all params: {total:,} || trainable%: {100.0 * trainable / total:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving, loading, merging
+
+
+def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write(tmp)` fill a fresh temporary folder next to `folder`, then move its files into `folder` one by one
+    with `os.replace`, so no reader ever sees a half-written file. Files of `folder` that `write` does not produce
+    are left alone."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        write(temporary)
+        folder.mkdir(exist_ok=True)
+        for path in sorted(temporary.rglob("*")):
+            target = folder / path.relative_to(temporary)
+            if path.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return folder
+
+
+def _base_reference(peft_model: PeftModel) -> str | None:
+    config = peft_model.peft_config[peft_model.active_adapter]
+    return config.base_model_name_or_path
+
+
+def save_lora_adapter(
+    peft_model: PeftModel, output_dir: str | os.PathLike, feature_extractor: CATFeatureExtractor | None = None
+) -> Path:
+    """Write the adapter alone (LoRA weights + the fully trained head), the classifier config, the feature
+    extractor and the base-model reference to `output_dir` (see the module docstring)."""
+    base = _base_reference(peft_model)
+    if not base:
+        raise ValueError(
+            "The LoRA model does not know its base model (name_or_path is empty): load the classifier with "
+            "CATForAudioClassification.from_pretrained(PRETRAINED_FOLDER, ...) before add_lora, so the adapter can be "
+            "rebuilt on it later."
+        )
+    classifier_config = peft_model.get_base_model().config
+
+    def write(folder: Path) -> None:
+        peft_model.save_pretrained(folder)
+        classifier_config.to_json_file(folder / CLASSIFIER_CONFIG_NAME)
+        if feature_extractor is not None:
+            feature_extractor.save_pretrained(folder)
+
+    return write_folder_atomically(output_dir, write)
+
+
+def _read_adapter_folder(adapter_dir: Path) -> tuple[dict[str, Any], CATConfig]:
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CLASSIFIER_CONFIG_NAME):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(
+                f"'{adapter_dir}' is not a cat-hf LoRA adapter folder: {name} is missing. Point to the output folder of "
+                "`cat-hf finetune --lora` (or a folder written by cat_hf.lora.save_lora_adapter)."
+            )
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    return adapter_config, CATConfig.from_json_file(str(adapter_dir / CLASSIFIER_CONFIG_NAME))
+
+
+def load_lora_model(
+    adapter_dir: str | os.PathLike, base_model: str | os.PathLike | None = None, *, is_trainable: bool = False
+) -> PeftModel:
+    """Rebuild base model + adapter: the classifier is created with the saved `classifier_config.json` on the base
+    weights (`base_model`, default: the adapter's `base_model_name_or_path`), then `PeftModel.from_pretrained` loads
+    the LoRA weights and the trained head."""
+    adapter_dir = Path(adapter_dir)
+    adapter_config, classifier_config = _read_adapter_folder(adapter_dir)
+    base = os.fspath(base_model) if base_model is not None else adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"The adapter in '{adapter_dir}' names no base model; pass base_model=PRETRAINED_FOLDER.")
+    if not os.path.exists(base) and (base.startswith((".", "/", "~")) or os.path.isabs(base)):
+        raise FileNotFoundError(
+            f"The adapter's base model '{base}' does not exist; pass base_model= (or --base-model) with the pretrained "
+            "CAT folder the adapter was trained on."
+        )
+    # The base has no (or another) head: transformers' load report would call fc_norm / classifier "newly
+    # initialized", but the adapter's modules_to_save replace them right below.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = CATForAudioClassification.from_pretrained(base, config=classifier_config, ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+
+
+def merge_lora(
+    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | os.PathLike | None = None
+) -> Path:
+    """Fold the adapter into the base weights and save a plain `CATForAudioClassification` folder (config with the
+    labels and problem_type, weights, feature extractor, plus the run records found next to the adapter)."""
+    adapter_dir = Path(adapter_dir)
+    merged = load_lora_model(adapter_dir, base_model).merge_and_unload()
+    merged.eval()
+    feature_extractor = (
+        CATFeatureExtractor.from_pretrained(adapter_dir) if (adapter_dir / "preprocessor_config.json").is_file() else None
+    )
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        if feature_extractor is not None:
+            feature_extractor.save_pretrained(folder)
+        for name in RUN_RECORD_FILES:
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, folder / name)
+
+    return write_folder_atomically(output_dir, write)
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "CLASSIFIER_CONFIG_NAME",
+    "DEFAULT_MODULES_TO_SAVE",
+    "DEFAULT_TARGET_MODULES",
+    "LoraSettings",
+    "add_lora",
+    "count_parameters",
+    "describe_trainable",
+    "load_lora_model",
+    "merge_lora",
+    "save_lora_adapter",
+    "write_folder_atomically",
+]

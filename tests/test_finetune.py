@@ -1,0 +1,359 @@
+"""Finetuning: real runs on synthetic wav corpora (tones / noise / clicks) with a tiny random CAT, exported folders
+served by the transformers pipeline, the optimiser rules, augmentations, recipes, and bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import cat_hf  # noqa: F401 - registers CAT with the Auto classes (the pipeline needs it)
+from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CATModel
+from cat_hf.augment import (
+    AugmentationConfig,
+    Augmenter,
+    mixup,
+    random_gain,
+    random_roll,
+    spec_augment,
+)
+from cat_hf.data import CorpusError
+from cat_hf.finetune import (
+    FinetuneConfig,
+    FinetuneConfigError,
+    balanced_sample_weights,
+    build_param_groups,
+    finetune,
+    main,
+    resolve_recipe,
+    warmup_cosine,
+)
+
+SR = 16000
+CLASSES = ("clicks", "noise", "tone")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster, and much faster on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def synth(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """A clip of one of three easily told apart kinds: a low tone, white noise, or sparse clicks."""
+    n = int(SR * seconds)
+    if kind == "tone":
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(300, 500) * np.arange(n) / SR) + 0.01 * rng.standard_normal(n)
+    elif kind == "noise":
+        x = 0.1 * rng.standard_normal(n)
+    else:
+        x = 0.001 * rng.standard_normal(n)
+        x[int(rng.integers(0, 800)) :: 800] = 0.5
+    return (x * rng.uniform(0.5, 1.5)).astype(np.float32)
+
+
+def write_audiofolder(root: Path, per_class: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for kind in CLASSES:
+        (root / kind).mkdir(parents=True)
+        for i in range(per_class):
+            sf.write(root / kind / f"{kind}{i}.wav", synth(kind, rng.uniform(0.5, 0.9), rng), SR)
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_audiofolder(tmp_path_factory.mktemp("corpus") / "sounds")
+
+
+def micro_config(**overrides) -> CATConfig:
+    return CATConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, stem_channels=[16, 32],
+                     stem_depths=[1, 1], rr_embedding_dim=None, **overrides)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny CAT encoder folder (what `cat-hf pretrain` writes, minus the training)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("encoder") / "cat-micro"
+    CATModel(micro_config()).save_pretrained(folder)
+    CATFeatureExtractor(max_length=64).save_pretrained(folder)
+    return folder
+
+
+def run_settings(data, encoder_dir: Path, output_dir: Path, **overrides) -> dict:
+    settings = dict(data=str(data), model=str(encoder_dir), output_dir=str(output_dir), batch_size=8,
+                    max_steps=6, warmup_steps=1, learning_rate=2e-3, eval_steps=3, logging_steps=3, num_workers=0,
+                    validation_size=0.25, seed=0)  # fmt: skip
+    settings.update(overrides)
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End-to-end runs
+
+
+def test_full_finetune_learns_and_exports_a_pipeline_folder(corpus, encoder_dir, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(run_settings(corpus, encoder_dir, out, max_steps=60, warmup_steps=6, eval_steps=20))
+
+    # 12 held-out clips, 3 balanced classes: chance is 1/3.
+    assert result["problem_type"] == "single_label_classification" and result["loss"] == "ce"
+    assert result["best_metric"] > 0.6, result["history"]
+    assert result["eval_results"]["accuracy"] > 0.6
+    assert [h["step"] for h in result["history"]] == [20, 40, 60]
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["labels"] == list(CLASSES) and summary["data"]["validation"]["num_clips"] == 12
+    assert summary["layer_decay"] == 0.65 and summary["trainable_share"] == 1.0
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert eval_results["metrics"]["accuracy"] == pytest.approx(result["eval_results"]["accuracy"])
+    assert not (out / "checkpoint-best").exists()
+
+    from transformers import pipeline
+
+    classifier = pipeline("audio-classification", model=str(out))
+    assert classifier.model.config.id2label == dict(enumerate(CLASSES))
+    scores = classifier(synth("tone", 0.6, np.random.default_rng(7)), top_k=None)
+    assert {s["label"] for s in scores} == set(CLASSES)
+    assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-5)  # softmax for single-label
+
+
+def write_multilabel_csv(folder: Path, seed: int = 1) -> Path:
+    """Clips with the tags tone / noise / both, listed in a path,tags CSV with comma-separated tags."""
+    rng = np.random.default_rng(seed)
+    (folder / "clips").mkdir(parents=True)
+    lines = ["path,tags"]
+    for i in range(24):
+        tags = [("tone",), ("noise",), ("tone", "noise")][i % 3]
+        clip = sum(synth(tag, 0.7, rng) for tag in tags)
+        sf.write(folder / "clips" / f"{i}.wav", clip, SR)
+        lines.append(f'clips/{i}.wav,"{",".join(tags)}"')
+    (folder / "tags.csv").write_text("\n".join(lines) + "\n")
+    return folder / "tags.csv"
+
+
+def test_multilabel_csv_gives_sigmoid_pipeline_scores(encoder_dir, tmp_path):
+    tags_file = write_multilabel_csv(tmp_path / "data")
+    out = tmp_path / "run"
+    result = finetune(run_settings(tags_file, encoder_dir, out, mixup_alpha=0.8, balanced_sampling=True))
+    assert result["problem_type"] == "multi_label_classification"
+    assert result["loss"] == "bce" and result["metric"] == "mAP"
+    assert 0.0 <= result["eval_results"]["mAP"] <= 1.0
+
+    from transformers import (
+        AutoFeatureExtractor,
+        AutoModelForAudioClassification,
+        pipeline,
+    )
+
+    model = AutoModelForAudioClassification.from_pretrained(out).eval()
+    assert model.config.problem_type == "multi_label_classification"
+    clip = sf.read(tmp_path / "data" / "clips" / "2.wav", dtype="float32")[0]
+    extractor = AutoFeatureExtractor.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(**extractor(clip, sampling_rate=SR, return_tensors="pt")).logits[0]
+    expected = {model.config.id2label[i]: float(p) for i, p in enumerate(torch.sigmoid(logits))}
+
+    scores = pipeline("audio-classification", model=str(out))(clip, top_k=None)
+    got = {s["label"]: s["score"] for s in scores}
+    assert got == pytest.approx(expected, abs=1e-5)  # the plain pipeline call applies sigmoid
+    assert abs(sum(got.values()) - 1.0) > 1e-3
+
+
+def test_linear_probe_trains_only_the_head(corpus, encoder_dir, tmp_path):
+    out = tmp_path / "probe"
+    result = finetune(run_settings(corpus, encoder_dir, out, linear_probe=True, max_steps=3, eval_steps=3))
+    assert result["mode"] == "linear_probe" and result["layer_decay"] == 1.0
+    assert result["trainable_parameters"] == 64 * 2 + 64 * 3 + 3  # fc_norm + classifier
+    from safetensors.torch import load_file
+
+    trained, initial = load_file(out / "model.safetensors"), load_file(encoder_dir / "model.safetensors")
+    assert torch.equal(trained["cat.layers.0.attention.q_proj.weight"], initial["layers.0.attention.q_proj.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input fails before training, naming the rows
+
+
+def assert_nothing_trained(out: Path) -> None:
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoint-best").exists()
+
+
+def test_validation_labels_unknown_to_training_are_listed(corpus, encoder_dir, tmp_path):
+    rng = np.random.default_rng(3)
+    sf.write(tmp_path / "a.wav", synth("tone", 0.6, rng), SR)
+    sf.write(tmp_path / "b.wav", synth("noise", 0.6, rng), SR)
+    validation = tmp_path / "validation.csv"
+    validation.write_text("path,tags\na.wav,tone\nb.wav,siren\n")
+    out = tmp_path / "run"
+    with pytest.raises(CorpusError) as info:
+        finetune(run_settings(corpus, encoder_dir, out, validation_data=str(validation)))
+    message = str(info.value)
+    assert "row 1" in message and "b.wav" in message and "'siren'" in message and "row 0" not in message
+    assert info.value.rows == [1]
+    assert_nothing_trained(out)
+
+
+def test_empty_class_folder_is_an_error(corpus, encoder_dir, tmp_path):
+    data = tmp_path / "sounds"
+    shutil.copytree(corpus, data)
+    (data / "siren").mkdir()
+    out = tmp_path / "run"
+    with pytest.raises(CorpusError, match=r"hold no audio files: \['siren'\]"):
+        finetune(run_settings(data, encoder_dir, out))
+    assert_nothing_trained(out)
+
+
+def test_label_list_with_a_class_without_examples_is_an_error(corpus, encoder_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CorpusError, match=r"no example in the training split: \['siren'\]"):
+        finetune(run_settings(corpus, encoder_dir, out, labels=[*CLASSES, "siren"]))
+    assert_nothing_trained(out)
+
+
+def test_tags_file_naming_missing_files_lists_them_via_the_cli(corpus, encoder_dir, tmp_path, capsys):
+    tags = tmp_path / "tags.csv"
+    existing = sorted((corpus / "tone").glob("*.wav"))[:3]
+    rows = [f"{p},tone" for p in existing] + ["missing/gone.wav,noise", f"{existing[0]},tone", "nowhere.wav,clicks"]
+    tags.write_text("path,tags\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code = main(["--data", str(tags), "--model", str(encoder_dir), "--output-dir", str(out), "--num-workers", "0"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "2 row(s) name audio files that do not exist" in error
+    assert "row 3:" in error and "gone.wav" in error and "row 5:" in error and "nowhere.wav" in error
+    assert_nothing_trained(out)
+
+
+def test_settings_errors_name_the_setting(tmp_path):
+    with pytest.raises(FinetuneConfigError, match="Unknown finetuning setting"):
+        FinetuneConfig.from_dict({"data": "x", "learning_rte": 1e-3})
+    with pytest.raises(FinetuneConfigError, match="LoRA adapts a pretrained model"):
+        FinetuneConfig(data="x", lora=True).validate()
+    with pytest.raises(FinetuneConfigError, match="not both"):
+        FinetuneConfig(data="x", model="m", lora=True, linear_probe=True).validate()
+    with pytest.raises(FinetuneConfigError, match="No training data"):
+        FinetuneConfig().validate()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(FinetuneConfigError, match="overwrite_output_dir"):
+        finetune({"data": "x", "output_dir": str(tmp_path / "out")})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser, schedule, sampling
+
+
+def test_layer_decay_follows_the_original_rule():
+    model = CATForAudioClassification(micro_config(num_labels=3))
+    groups = build_param_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.65, num_layers=2)
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    assert scale["cat.layers.0.attention.q_proj.weight"] == pytest.approx(0.65**2)  # decay ** (L + 1 - (i + 1))
+    assert scale["cat.layers.1.mlp.fc2.bias"] == pytest.approx(0.65)
+    for name in ("cat.embeddings.cls_token", "cat.embeddings.stem.token_proj.weight", "cat.embeddings.context_norm.weight",
+                 "fc_norm.weight", "classifier.weight"):  # fmt: skip
+        assert scale[name] == 1.0, name
+    assert decay["classifier.weight"] == 0.05 and decay["cat.embeddings.cls_token"] == 0.05
+    assert decay["classifier.bias"] == 0.0 and decay["fc_norm.weight"] == 0.0 and decay["cat.layers.0.norm1.weight"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    beit = build_param_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.65, num_layers=2, decay_stem=True)
+    beit_scale = {name: g["lr_scale"] for g in beit for name in g["names"]}
+    assert beit_scale["cat.embeddings.cls_token"] == pytest.approx(0.65**3) and beit_scale["classifier.weight"] == 1.0
+
+
+def test_warmup_cosine_schedule():
+    kwargs = dict(warmup_steps=10, max_steps=110, min_ratio=0.02)
+    assert warmup_cosine(0, **kwargs) == pytest.approx(0.02)
+    assert warmup_cosine(5, **kwargs) == pytest.approx(0.51)
+    assert warmup_cosine(10, **kwargs) == pytest.approx(1.0)
+    assert warmup_cosine(60, **kwargs) == pytest.approx(0.51)
+    assert warmup_cosine(110, **kwargs) == pytest.approx(0.02)
+
+
+def test_balanced_sampling_weights_are_inverse_label_frequency():
+    weights = balanced_sample_weights([["a"], ["a"], ["a"], ["b"], ["a", "b"]])
+    assert weights.tolist() == pytest.approx([0.25, 0.25, 0.25, 0.5, 0.75])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentations
+
+
+def test_augmentations_are_seeded_and_shaped():
+    waves = torch.randn(4, 8000)
+    lengths = torch.tensor([8000, 6000, 8000, 500])
+    waves[1, 6000:] = 0
+    waves[3, 500:] = 0
+    config = AugmentationConfig(mixup_alpha=0.8, freq_mask_ratio=0.2, time_mask_ratio=0.2, roll=True, gain=True, noise=True)
+    features = torch.randn(4, 64, 128)
+    targets = torch.eye(4)[:, :3].contiguous()
+    runs = []
+    for _ in range(2):
+        augmenter = Augmenter(config, seed=5)
+        runs.append((augmenter.waveforms(waves, lengths), *augmenter.features(features, targets)))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    assert not torch.equal(runs[0][0], waves)
+
+    rolled = random_roll(waves, lengths, torch.Generator().manual_seed(0))
+    assert torch.all(rolled[1, 6000:] == 0)  # padding stays padding
+    assert torch.allclose(rolled[1, :6000].sort().values, waves[1, :6000].sort().values)
+    factors = random_gain(torch.ones(1000, 1), torch.Generator().manual_seed(0))
+    assert 0.5 < factors.min() and factors.max() < 1.5 and float(factors.mean()) == pytest.approx(1.0, abs=0.02)
+
+    mixed, mixed_targets, lam = mixup(features, targets, 0.8, 1.0, torch.Generator().manual_seed(1))
+    assert 0 < lam < 1 and torch.allclose(mixed, lam * features + (1 - lam) * features.flip(0))
+    assert torch.allclose(mixed_targets, lam * targets + (1 - lam) * targets.flip(0))
+
+    masked = spec_augment(torch.ones(200, 100, 128), 0.2, 0.2, torch.Generator().manual_seed(2))
+    zero_bins = (masked == 0).all(dim=1).sum(dim=1)  # frequency bins masked over all frames
+    zero_frames = (masked == 0).all(dim=2).sum(dim=1)
+    # widths are uniform in [0, ratio * size), cut at whole bins: at most ceil(ratio * size) (as torchaudio)
+    assert zero_bins.max() <= math.ceil(0.2 * 128) and zero_frames.max() <= math.ceil(0.2 * 100)
+    assert zero_bins.float().mean() > 5 and zero_frames.float().mean() > 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes and the command line
+
+
+@pytest.mark.parametrize("name", ["tiny", "as20k", "as2m", "esc50", "spcv2"])
+def test_recipes_load(name):
+    config = FinetuneConfig.from_yaml(name, data="somewhere", model="some/model")
+    config.validate()
+    assert resolve_recipe(name).name == f"finetune_{name}.yaml"
+
+
+def test_paper_recipe_numbers():
+    as20k, as2m = FinetuneConfig.from_yaml("as20k"), FinetuneConfig.from_yaml("as2m")
+    esc50, spcv2 = FinetuneConfig.from_yaml("esc50"), FinetuneConfig.from_yaml("spcv2")
+    assert (as20k.batch_size, as20k.max_steps, as20k.warmup_steps, as20k.learning_rate) == (48, 40000, 4000, 5e-5)
+    assert (as2m.batch_size, as2m.max_steps, as2m.warmup_steps, as2m.balanced_sampling) == (96, 300000, 30000, True)
+    assert (esc50.max_length, esc50.feature_preset, esc50.mixup_alpha, esc50.label_smoothing) == (None, "esc50", 0.0, 0.1)
+    assert (spcv2.batch_size, spcv2.learning_rate, spcv2.loss, spcv2.noise) == (256, 2e-4, "bce", True)
+    for recipe in (as20k, as2m, esc50, spcv2):
+        assert recipe.effective_layer_decay() == 0.65 and recipe.drop_path_rate == 0.1
+        assert (recipe.adam_beta1, recipe.adam_beta2, recipe.weight_decay) == (0.9, 0.95, 0.05)
+    assert math.isclose(as20k.mixup_alpha, 0.8) and as20k.loss == "bce" and as20k.metric == "mAP"
+
+
+def test_cli_help(capsys):
+    from cat_hf.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as info:
+        cli_main(["finetune", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--lora" in text and "--linear-probe" in text and "--merge" in text and "--config" in text
