@@ -1,0 +1,483 @@
+"""Tests of CATFeatureExtractor: parity with the original CAT fbank, batching, padding, input kinds, errors, I/O."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoFeatureExtractor
+
+from cat_hf.feature_extraction_cat import (
+    FEATURE_PRESETS,
+    CATFeatureExtractor,
+    downmix_to_mono,
+    kaldi_fbank_batch,
+    resample_audio,
+)
+
+REFERENCE_DIR = Path(os.environ.get("CAT_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+REFERENCE_FILE = REFERENCE_DIR / "expected.pt"
+REFERENCE_FRAMES = [998, 368, 128, 1248]  # README section 5
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    if not REFERENCE_FILE.is_file():
+        pytest.skip(f"reference fixture {REFERENCE_FILE} not found (set CAT_REFERENCE_DIR to its folder)")
+    return torch.load(REFERENCE_FILE, map_location="cpu", weights_only=True)
+
+
+def _clip(seconds: float, seed: int, sr: int = 16000) -> np.ndarray:
+    """A tone plus noise: loud and quiet bins, like real audio."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    wave = 0.4 * np.sin(2 * np.pi * (300 + 50 * seed) * t) + 0.05 * rng.standard_normal(t.shape)
+    return wave.astype(np.float32)
+
+
+def assert_fbank_close(ours: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
+    """Float32-aware fbank comparison.
+
+    The log of a mel bin that is ~50 dB or more below its frame's loudest bin is dominated by float32 rounding
+    noise of the FFT (the reference itself is up to 3e-3 away from a float64 computation there, and its value
+    changes with the CPU and thread count). So: `atol` on bins within 12 nats of the frame peak, and everywhere
+    a linear-energy bound of 1e-4 relative plus 1e-9 of the frame's peak energy (the float32 noise floor; the
+    largest excess measured is ~5e-11).
+    """
+    assert ours.shape == ref.shape
+    ours, ref = ours.double(), ref.double()
+    frame_peak = ref.max(dim=-1, keepdim=True).values
+    resolved = ref > frame_peak - 12.0
+    assert resolved.float().mean() > 0.4  # the strict check covers a good part of every clip
+    err = (ours - ref).abs()
+    assert err[resolved].max() <= atol, f"max error in resolved bins {err[resolved].max():.3g} > {atol}"
+    linear_excess = (ours.exp() - ref.exp()).abs() - 1e-4 * ref.exp() - 1e-9 * frame_peak.exp()
+    assert linear_excess.max() <= 0, f"energy error above the float32 noise floor: {linear_excess.max():.3g}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parity with the original CAT pipeline
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_raw_fbank_matches_reference(reference):
+    waves = [reference[f"w{i}"].numpy() for i in range(4)]
+    extractor = CATFeatureExtractor(do_normalize=False)
+    out = extractor(waves, sampling_rate=16000, padding="longest", return_tensors="pt")
+    assert out["attention_mask"].sum(dim=1).tolist() == REFERENCE_FRAMES
+    assert out["input_values"].shape == (4, 1248, 128)  # 1248 is a multiple of 16
+    for i, frames in enumerate(REFERENCE_FRAMES):
+        ref = reference[f"fbank_raw_{i}"]
+        assert ref.shape == (frames, 128)
+        assert_fbank_close(out["input_values"][i, :frames], ref, atol=1e-4)
+        assert torch.all(out["input_values"][i, frames:] == 0.0)  # raw padding value
+
+
+@pytest.mark.parametrize("target_length", [1024, 512])
+def test_model_input_matches_reference(reference, target_length):
+    waves = [reference[f"w{i}"].numpy() for i in range(4)]
+    extractor = CATFeatureExtractor(max_length=target_length)
+    out = extractor(waves, sampling_rate=16000, return_tensors="pt")
+    assert set(out.keys()) == {"input_values"}  # original behaviour: no mask with max_length padding
+    ours = out["input_values"]
+    ref = reference[f"input_{target_length}"][:, 0]
+    assert ours.shape == ref.shape == (4, target_length, 128)
+    assert ours.dtype == torch.float32
+    scale = 2 * FEATURE_PRESETS["audioset"]["std"]
+    shift = FEATURE_PRESETS["audioset"]["mean"]
+    for i, frames in enumerate(REFERENCE_FRAMES):
+        real = min(frames, target_length)
+        # Padded frames: exactly the reference's value (4.268 / 9.138).
+        torch.testing.assert_close(ours[i, real:], ref[i, real:], atol=1e-6, rtol=0)
+        # Real frames: 1e-5 in normalised units, checked in fbank units with the float32-aware criterion.
+        assert_fbank_close(ours[i, :real] * scale + shift, ref[i, :real] * scale + shift, atol=1e-5 * scale)
+
+
+def test_mel_filters_match_kaldi_definition():
+    """The float32 filters agree with an exact float64 construction of Kaldi's triangles (ulp level)."""
+    from cat_hf.feature_extraction_cat import _kaldi_mel_banks
+
+    banks = _kaldi_mel_banks(128, 512, 16000.0, 20.0, 0.0)
+    assert banks.shape == (257, 128) and banks.dtype == torch.float32
+    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
+    low, high = mel(20.0), mel(8000.0)
+    edges = low + np.arange(130) * (high - low) / 129
+    fft_mel = mel(np.arange(256) * 16000.0 / 512)[:, None]
+    rising = (fft_mel - edges[None, :-2]) / (edges[None, 1:-1] - edges[None, :-2])
+    falling = (edges[None, 2:] - fft_mel) / (edges[None, 2:] - edges[None, 1:-1])
+    exact = np.vstack([np.maximum(0.0, np.minimum(rising, falling)), np.zeros((1, 128))])
+    np.testing.assert_allclose(banks.numpy(), exact, atol=3e-5, rtol=0)
+    assert torch.all(banks[-1] == 0)  # Nyquist bin unused, as in Kaldi
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batching and padding
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_batched_equals_per_clip():
+    clips = [_clip(2.0, 1), _clip(0.73, 2), _clip(1.31, 3)]
+    extractor = CATFeatureExtractor(chunk_frames=64)  # several chunks, chunk borders inside clips
+    batched = extractor(clips, sampling_rate=16000, padding="longest", return_tensors="pt")
+    frames = [1 + (len(c) - 400) // 160 for c in clips]
+    assert batched["attention_mask"].sum(dim=1).tolist() == frames
+    pad = -FEATURE_PRESETS["audioset"]["mean"] / (2 * FEATURE_PRESETS["audioset"]["std"])
+    for i, clip in enumerate(clips):
+        alone = extractor(clip, sampling_rate=16000, padding="longest", return_tensors="pt")["input_values"][0]
+        torch.testing.assert_close(batched["input_values"][i, : frames[i]], alone[: frames[i]], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            batched["input_values"][i, frames[i] :], torch.full_like(batched["input_values"][i, frames[i] :], pad)
+        )
+    # The same with the whole batch in one chunk.
+    one_chunk = CATFeatureExtractor(chunk_frames=100_000)(
+        clips, sampling_rate=16000, padding="longest", return_tensors="pt"
+    )
+    torch.testing.assert_close(one_chunk["input_values"], batched["input_values"], atol=1e-5, rtol=0)
+
+
+def test_longest_padding_rounds_to_patches_and_masks():
+    extractor = CATFeatureExtractor()
+    clips = [_clip(1.0, 1), np.zeros(400, dtype=np.float32) + _clip(0.025, 2)]  # 98 frames and 1 frame
+    out = extractor(clips, sampling_rate=16000, padding="longest", return_tensors="pt")
+    assert out["input_values"].shape == (2, 112, 128)  # 98 rounded up to 7 patches of 16
+    mask = out["attention_mask"]
+    assert mask.dtype == torch.int64 and mask.shape == (2, 112)
+    assert mask[0].tolist() == [1] * 98 + [0] * 14
+    assert mask[1].tolist() == [1] + [0] * 111
+    # A single one-frame clip is padded to one patch.
+    short = extractor(clips[1], sampling_rate=16000, padding=True, return_tensors="pt")
+    assert short["input_values"].shape == (1, 16, 128)
+    # truncation=True caps "longest" at max_length.
+    capped = extractor(
+        clips, sampling_rate=16000, padding="longest", truncation=True, max_length=40, return_tensors="pt"
+    )
+    assert capped["input_values"].shape == (2, 48, 128)
+    assert capped["attention_mask"].sum(dim=1).tolist() == [40, 1]
+    torch.testing.assert_close(capped["input_values"][0, :40], out["input_values"][0, :40])
+
+
+def test_max_length_padding_and_optional_mask():
+    extractor = CATFeatureExtractor.from_preset("speechcommands")  # 128 frames
+    clips = [_clip(0.5, 1), _clip(3.0, 2)]  # 48 and 298 frames
+    out = extractor(clips, sampling_rate=16000, return_tensors="pt")
+    assert out["input_values"].shape == (2, 128, 128) and "attention_mask" not in out
+    with_mask = extractor(clips, sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
+    assert with_mask["attention_mask"].sum(dim=1).tolist() == [48, 128]
+    torch.testing.assert_close(with_mask["input_values"], out["input_values"])
+    preset = FEATURE_PRESETS["speechcommands"]
+    expected_pad = (0.0 - preset["mean"]) / (2 * preset["std"])
+    torch.testing.assert_close(out["input_values"][0, 48:], torch.full((80, 128), expected_pad))
+    # Truncated clips keep their first frames.
+    longer = extractor(clips[1], sampling_rate=16000, max_length=256, return_tensors="pt")["input_values"]
+    torch.testing.assert_close(out["input_values"][1], longer[0, :128], atol=1e-5, rtol=0)
+    # A config default of "longest" is honoured and overridable per call.
+    longest_default = CATFeatureExtractor(padding="longest")
+    assert longest_default(clips, sampling_rate=16000, return_tensors="pt")["input_values"].shape[1] == 304
+    assert (
+        longest_default(clips, sampling_rate=16000, padding="max_length", return_tensors="pt")["input_values"].shape[1]
+        == 1024
+    )
+
+
+def test_pad_collates_per_example_features_like_call():
+    """`pad` (a collate function) gives what one batched __call__ gives: same padded value, 16-frame rounding."""
+    extractor = CATFeatureExtractor()
+    clips = [_clip(0.5, 1), _clip(1.0, 2)]
+    examples = [extractor(c, sampling_rate=16000, padding="longest", return_tensors="np") for c in clips]
+    frames = [extractor.num_frames(len(clip)) for clip in clips]
+    features = [{"input_values": e["input_values"][0][:n]} for e, n in zip(examples, frames, strict=True)]
+    padded = extractor.pad(features, return_tensors="pt")
+    batched = extractor(clips, sampling_rate=16000, padding="longest", return_tensors="pt")
+    assert padded["input_values"].shape == batched["input_values"].shape == (2, 112, 128)
+    torch.testing.assert_close(padded["input_values"], batched["input_values"], atol=1e-5, rtol=0)
+    assert padded["attention_mask"].tolist() == batched["attention_mask"].tolist()
+
+
+def test_return_tensor_kinds():
+    extractor = CATFeatureExtractor(max_length=64)
+    clips = [_clip(0.3, 1), _clip(0.5, 2)]
+    as_pt = extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+    as_np = extractor(clips, sampling_rate=16000, return_tensors="np")["input_values"]
+    as_list = extractor(clips, sampling_rate=16000)["input_values"]
+    assert isinstance(as_pt, torch.Tensor) and isinstance(as_np, np.ndarray) and isinstance(as_list, list)
+    assert as_np.dtype == np.float32 and as_np.shape == (2, 64, 128)
+    assert len(as_list) == 2 and as_list[0].shape == (64, 128)
+    np.testing.assert_array_equal(as_np, as_pt.numpy())
+    np.testing.assert_array_equal(as_list[1], as_np[1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Input kinds
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_input_containers_give_the_same_features():
+    extractor = CATFeatureExtractor(max_length=64)
+    wave = _clip(0.5, 4)
+    ref = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_values"]
+    for variant in (
+        torch.from_numpy(wave),
+        wave.tolist(),
+        wave.astype(np.float64),
+        [wave],
+        (wave,),
+        [torch.from_numpy(wave)],
+    ):
+        out = extractor(variant, sampling_rate=16000, return_tensors="pt")["input_values"]
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    half = extractor(torch.from_numpy(wave).half(), sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert half.shape == ref.shape and torch.isfinite(half).all()
+
+
+def test_int16_pcm_is_scaled():
+    extractor = CATFeatureExtractor(max_length=64)
+    pcm = (_clip(0.5, 5) * 32767).astype(np.int16)
+    from_pcm = extractor(pcm, sampling_rate=16000, return_tensors="pt")["input_values"]
+    from_float = extractor(pcm.astype(np.float32) / 32768.0, sampling_rate=16000, return_tensors="pt")["input_values"]
+    torch.testing.assert_close(from_pcm, from_float, atol=1e-6, rtol=0)
+    from_tensor = extractor(torch.from_numpy(pcm), sampling_rate=16000, return_tensors="pt")["input_values"]
+    torch.testing.assert_close(from_tensor, from_float, atol=1e-6, rtol=0)
+    # Not scaled would be ~log(32768^2) = 20.8 higher.
+    unscaled = extractor(pcm.astype(np.float32), sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert (unscaled - from_pcm).mean() > 1.0
+
+
+def test_multichannel_is_downmixed():
+    extractor = CATFeatureExtractor(max_length=64)
+    left, right = _clip(0.5, 6), _clip(0.5, 7)
+    mono = ((left + right) / 2).astype(np.float32)
+    ref = extractor(mono, sampling_rate=16000, return_tensors="pt")["input_values"]
+    for stereo in (
+        np.stack([left, right]),
+        np.stack([left, right], axis=1),
+        torch.from_numpy(np.stack([left, right])),
+    ):
+        out = extractor(stereo, sampling_rate=16000, return_tensors="pt")["input_values"]
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    batch = extractor([np.stack([left, right]), mono], sampling_rate=16000, return_tensors="pt")["input_values"]
+    torch.testing.assert_close(batch[0], batch[1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(downmix_to_mono(np.stack([left, right], axis=1)), mono, atol=1e-7)
+    out = downmix_to_mono((np.stack([left, right]) * 32767).astype(np.int16))
+    assert out.dtype == np.float32 and out.shape == (8000,) and np.abs(out - mono).max() < 1e-4
+
+
+def test_resampling_matches_native_rate():
+    extractor = CATFeatureExtractor(do_normalize=False)
+    native = (0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    cd_rate = (0.5 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100)).astype(np.float32)
+    a = extractor(native, sampling_rate=16000, padding="longest", return_tensors="pt")
+    b = extractor(cd_rate, sampling_rate=44100, padding="longest", return_tensors="pt")
+    assert a["attention_mask"].sum() == b["attention_mask"].sum() == 98
+    fa, fb = a["input_values"][0, :98], b["input_values"][0, :98]
+    loud = fa > fa.max(dim=1, keepdim=True).values - 10.0
+    assert (fa - fb)[loud].abs().max() < 1e-3
+    assert fa.argmax(dim=1).eq(fb.argmax(dim=1)).all()
+    # Without resampling the tone lands in the wrong mel bins.
+    wrong = extractor(cd_rate, sampling_rate=16000, padding="longest", return_tensors="pt")["input_values"][0, :98]
+    assert not wrong.argmax(dim=1).eq(fa.argmax(dim=1)).any()
+    resampled = resample_audio(cd_rate, 44100, 16000)
+    assert resampled.dtype == np.float32 and resampled.shape == (16000,)
+    stereo = resample_audio(np.stack([cd_rate, cd_rate]), 44100, 16000)
+    assert stereo.shape == (2, 16000)
+    np.testing.assert_allclose(stereo[0], resampled, atol=1e-6)
+
+
+def test_torchaudio_resampling_backend():
+    wave = _clip(0.5, 8, sr=22050)
+    try:
+        import torchaudio.functional  # noqa: F401
+
+        available = True
+    except Exception:
+        available = False
+    if available:
+        out = resample_audio(wave, 22050, 16000, backend="torchaudio")
+        assert out.shape[0] == 8000
+        np.testing.assert_allclose(out[100:-100], resample_audio(wave, 22050, 16000)[100:-100], atol=5e-2)
+    else:
+        with pytest.raises(ImportError, match="backend='soxr'"):
+            resample_audio(wave, 22050, 16000, backend="torchaudio")
+        # The extractor falls back to soxr (a saved config must still work on a machine without torchaudio).
+        extractor = CATFeatureExtractor(resample_backend="torchaudio", max_length=64)
+        out = extractor(wave, sampling_rate=22050, return_tensors="pt")["input_values"]
+        ref = CATFeatureExtractor(max_length=64)(wave, sampling_rate=22050, return_tensors="pt")["input_values"]
+        torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="backend"):
+        resample_audio(wave, 22050, 16000, backend="librosa")
+    with pytest.raises(ValueError, match="orig_sr"):
+        resample_audio(wave, 0, 16000)
+
+
+def test_missing_sampling_rate_warns_once(caplog):
+    logging.Logger.warning_once.cache_clear()
+    extractor = CATFeatureExtractor(max_length=16)
+    logger = logging.getLogger("cat_hf.feature_extraction_cat")
+    logger.propagate = True
+    with caplog.at_level(logging.WARNING, logger="cat_hf.feature_extraction_cat"):
+        extractor(_clip(0.2, 1))
+        extractor(_clip(0.2, 2))
+    messages = [r.getMessage() for r in caplog.records if "sampling_rate" in r.getMessage()]
+    assert len(messages) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("audio", "match"),
+    [
+        ([], "empty list"),
+        (np.zeros(0, dtype=np.float32), "empty"),
+        ([_clip(0.1, 1), np.zeros(0, dtype=np.float32)], r"clip 1 is empty"),
+        (np.full(1600, np.nan, dtype=np.float32), "NaN or Inf"),
+        ([_clip(0.1, 1), np.where(np.arange(1600) == 7, np.inf, 0.0).astype(np.float32)], r"\[1\].*NaN or Inf"),
+        (np.zeros((2, 2, 1600), dtype=np.float32), "3 dimensions"),
+        ([np.zeros((2, 2, 1600), dtype=np.float32)], "3 dimensions"),
+        (np.zeros(399, dtype=np.float32), "399 samples.*shorter than one 25 ms frame"),
+        ("speech.wav", "unsupported type str.*soundfile"),
+        ({"array": np.zeros(1600)}, "unsupported type dict"),
+        ([{"array": np.zeros(1600)}], "unsupported objects"),
+        ([1, 2, 3] * 200, "integer dtype int64"),
+        (np.zeros(1600, dtype=np.uint8), "integer dtype uint8"),
+        (np.zeros(1600, dtype=np.complex64), "unsupported dtype complex64"),
+        (np.zeros(1600, dtype=bool), "integer dtype bool"),
+        (np.float32(0.5), "unsupported type"),
+    ],
+)
+def test_bad_audio_raises(audio, match):
+    with pytest.raises(ValueError, match=match):
+        CATFeatureExtractor()(audio, sampling_rate=16000)
+
+
+def test_bad_arguments_raise():
+    extractor = CATFeatureExtractor()
+    wave = _clip(0.2, 1)
+    with pytest.raises(ValueError, match="padding='do_not_pad' is not supported.*'longest'"):
+        extractor(wave, sampling_rate=16000, padding="do_not_pad")
+    with pytest.raises(ValueError, match="always truncates"):
+        extractor(wave, sampling_rate=16000, truncation=False)
+    with pytest.raises(ValueError, match="return_tensors='tf'"):
+        extractor(wave, sampling_rate=16000, return_tensors="tf")
+    with pytest.raises(ValueError, match="sampling_rate must be a positive"):
+        extractor(wave, sampling_rate=-1)
+    with pytest.raises(ValueError, match="unknown feature preset 'librispeech'"):
+        CATFeatureExtractor.from_preset("librispeech")
+    with pytest.raises(ValueError, match="max_length must be an integer of at least 16"):
+        CATFeatureExtractor(max_length=8)
+    with pytest.raises(ValueError, match="feature_size"):
+        CATFeatureExtractor(feature_size=80)
+    with pytest.raises(ValueError, match="std must be positive"):
+        CATFeatureExtractor(std=0.0)
+    with pytest.raises(ValueError, match="mel range"):
+        CATFeatureExtractor(low_freq=9000.0)
+    with pytest.raises(ValueError, match="lengths"):
+        kaldi_fbank_batch(torch.zeros(2, 1000), [1000])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configuration, presets, save / load
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_presets():
+    for name, values in FEATURE_PRESETS.items():
+        extractor = CATFeatureExtractor.from_preset(name)
+        assert (extractor.max_length, extractor.mean, extractor.std) == (
+            values["max_length"],
+            values["mean"],
+            values["std"],
+        )
+    assert FEATURE_PRESETS["audioset"] == {"max_length": 1024, "mean": -4.268, "std": 4.569}
+    assert FEATURE_PRESETS["esc50"] == {"max_length": 512, "mean": -6.627, "std": 5.359}
+    assert FEATURE_PRESETS["speechcommands"] == {"max_length": 128, "mean": -6.846, "std": 5.565}
+    assert CATFeatureExtractor.from_preset("ESC-50", padding="longest").padding == "longest"
+    default = CATFeatureExtractor()
+    assert (default.max_length, default.mean, default.std) == (1024, -4.268, 4.569)
+    assert CATFeatureExtractor.model_input_names == ["input_values", "attention_mask"]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    extractor = CATFeatureExtractor.from_preset("esc50", padding="longest")
+    extractor.save_pretrained(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "preprocessor_config.json" in names
+    assert not [name for name in names if name.startswith(".tmp")]  # written atomically, nothing left over
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["feature_extractor_type"] == "CATFeatureExtractor"
+    for key, value in {
+        "feature_size": 128,
+        "sampling_rate": 16000,
+        "num_mel_bins": 128,
+        "max_length": 512,
+        "mean": -6.627,
+        "std": 5.359,
+        "padding_value": 0.0,
+        "do_normalize": True,
+        "padding": "longest",
+    }.items():
+        assert config[key] == value, key
+    loaded = CATFeatureExtractor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == extractor.to_dict()
+    clips = [_clip(0.4, 1), _clip(0.9, 2)]
+    a = extractor(clips, sampling_rate=16000, return_tensors="pt")
+    b = loaded(clips, sampling_rate=16000, return_tensors="pt")
+    assert torch.equal(a["input_values"], b["input_values"])
+    assert torch.equal(a["attention_mask"], b["attention_mask"])
+
+
+def test_loads_as_self_contained_remote_code(tmp_path, monkeypatch):
+    """The saved source file imports on its own (as trust_remote_code=True loads it) and gives the same features."""
+    import transformers.dynamic_module_utils as dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    previous = CATFeatureExtractor._auto_class
+    try:
+        CATFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+        extractor = CATFeatureExtractor(max_length=64)
+        extractor.save_pretrained(tmp_path / "model")
+    finally:
+        CATFeatureExtractor._auto_class = previous
+    assert (tmp_path / "model" / "feature_extraction_cat.py").is_file()
+    config = json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())
+    assert config["auto_map"]["AutoFeatureExtractor"] == "feature_extraction_cat.CATFeatureExtractor"
+
+    remote_class = dynamic_module_utils.get_class_from_dynamic_module(
+        config["auto_map"]["AutoFeatureExtractor"], tmp_path / "model"
+    )
+    assert remote_class.__name__ == "CATFeatureExtractor"
+    assert remote_class.__module__ != CATFeatureExtractor.__module__  # really the copied file
+    remote = remote_class.from_pretrained(tmp_path / "model")
+    wave = _clip(0.5, 3)
+    expected = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_values"]
+    torch.testing.assert_close(remote(wave, sampling_rate=16000, return_tensors="pt")["input_values"], expected)
+
+    # With cat_hf imported (it registers the class), the Auto class resolves the folder too.
+    auto = AutoFeatureExtractor.from_pretrained(tmp_path / "model")
+    assert type(auto).__name__ == "CATFeatureExtractor" and auto.max_length == 64
+    torch.testing.assert_close(auto(wave, sampling_rate=16000, return_tensors="pt")["input_values"], expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_matches_cpu():
+    clips = [_clip(2.0, 1), _clip(0.7, 2)]
+    extractor = CATFeatureExtractor()
+    cpu = extractor(clips, sampling_rate=16000, padding="longest", return_tensors="pt")
+    gpu = extractor(clips, sampling_rate=16000, padding="longest", return_tensors="pt", device="cuda")
+    assert gpu["input_values"].device.type == "cuda"
+    assert torch.equal(gpu["attention_mask"].cpu(), cpu["attention_mask"])
+    scale = 2 * extractor.std
+    for i, frames in enumerate(cpu["attention_mask"].sum(dim=1).tolist()):
+        assert_fbank_close(
+            gpu["input_values"][i, :frames].cpu() * scale + extractor.mean,
+            cpu["input_values"][i, :frames] * scale + extractor.mean,
+            atol=1e-4,
+        )
