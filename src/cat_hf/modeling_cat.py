@@ -886,9 +886,9 @@ class CATForPreTraining(CATPreTrainedModel):
         decoder_input = torch.zeros(rows, num_patches, c.hidden_size, dtype=student.dtype, device=student.device)
         if self.training and c.mask_noise_std > 0:
             decoder_input.normal_(0, c.mask_noise_std, generator=generator)
-        decoder_input = decoder_input * mask[..., None]
+        decoder_input = decoder_input * mask[..., None].to(decoder_input.dtype)
         decoder_input = decoder_input.scatter(
-            1, kept_ids[..., None].expand(-1, -1, c.hidden_size), student[:, c.num_extra_tokens:]
+            1, kept_ids[..., None].expand(-1, -1, c.hidden_size), student[:, c.num_extra_tokens:].to(decoder_input.dtype)
         )
         prediction = self.decoder(decoder_input, grid)
 
