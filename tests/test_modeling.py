@@ -379,3 +379,14 @@ def test_visible_patch_path_equals_dense_masked_stem(stem_type):
         dense = model.embeddings.patch_tokens(x, keep)
         dense = torch.gather(dense, 1, kept_ids[..., None].expand(-1, -1, dense.shape[-1]))
     assert torch.allclose(sparse, dense, atol=1e-5)
+
+
+def test_pretraining_forward_and_backward_under_bf16_autocast():
+    model = random_model(CATForPreTraining, clone_batch=2)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 64, 128), rr_embeddings=torch.randn(2, 32))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert model.cat.layers[0].mlp.fc1.weight.grad is not None
+    assert all(p.grad is None for p in model.teacher.parameters())
