@@ -250,12 +250,14 @@ def test_cli_help_for_predict_and_evaluate(capsys):
 
 
 def _write_audiofolder(root: Path, labels: list[str]) -> list[tuple[Path, str]]:
+    """Per label a short clip of the tone the head was fitted to for that label and a long clip of the next label's
+    tone, so a working classifier is right on some clips and wrong on others."""
     clips = []
     for index, label in enumerate(labels):
         (root / label).mkdir(parents=True, exist_ok=True)
         short, long = root / label / f"{label}_short.wav", root / label / f"{label}_long.flac"
-        sf.write(short, _tone_noise(0.8, 8000, 10 + index), 8000)
-        sf.write(long, _tone_noise(3.0, 44100, 20 + index), 44100)
+        sf.write(short, _tone_noise(0.8, 8000, index), 8000)
+        sf.write(long, _tone_noise(3.0, 44100, index + 1), 44100)
         clips += [(short, label), (long, label)]
     return clips
 
