@@ -520,16 +520,19 @@ class CATPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        """Linear layers truncated-normal(0.02), convolutions Xavier-uniform, norms 1/0, CLS N(0, 1), fixed positions."""
+        """Linear layers truncated-normal(0.02), convolutions PyTorch-default, norms 1/0, CLS N(0, 1), fixed positions."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
-            init.xavier_uniform_(module.weight)
+            # PyTorch's default, as the original's stem and decoder: the uniform bias keeps the level of flat
+            # regions visible through the channel LayerNorm that follows the first convolution.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
-                init.zeros_(module.bias)
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, nn.LayerNorm):
             if module.weight is not None:
                 init.ones_(module.weight)
