@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from .audio import (
     is_audio_file,
     load_audio,
 )
-
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -1254,7 +1253,7 @@ def _write_splits(
             for name in result
         },
     }
-    _atomic_write(split_file, json.dumps(payload, indent=1))
+    atomic_write_text(split_file, json.dumps(payload, indent=1))
     for name, part in result.items():
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -1263,17 +1262,4 @@ def _write_splits(
         tags = part.with_format(None)[LABELS_COLUMN] if has_labels else None
         for j, i in enumerate(indices[name]):
             writer.writerow([ids[int(i)], ",".join(tags[j] or [])] if tags is not None else [ids[int(i)]])
-        _atomic_write(split_file.parent / f"{name}.csv", buffer.getvalue())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        atomic_write_text(split_file.parent / f"{name}.csv", buffer.getvalue())

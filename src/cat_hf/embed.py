@@ -40,6 +40,7 @@ from .external_encoders import (
     ExternalEncoder,
     build_external_encoder,
 )
+from .files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +140,6 @@ def _temporary_path(path: Path) -> Path:
     os.umask(umask)
     os.chmod(name, 0o666 & ~umask)
     return Path(name)
-
-
-def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    temporary = _temporary_path(path)
-    try:
-        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _atomic_save_shard(path: Path, embeddings: torch.Tensor, indices: torch.Tensor, metadata: dict[str, str]) -> None:
@@ -589,7 +581,7 @@ def _write_index(folder: Path, settings: Mapping[str, Any], entries: Mapping[int
         "failed": failed,
         "shards": shards,
     }
-    _atomic_write_json(folder / INDEX_FILE, index)
+    atomic_write_json(folder / INDEX_FILE, index)
 
 
 class _NoBar:

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from .audio import AudioDecodeError, load_audio
+from .files import atomic_write_bytes, json_safe
 from .inference import (
-    AGGREGATIONS,
+    add_window_arguments,
     MULTI_LABEL_PROBLEM_TYPE,
     default_aggregation,
     is_multi_label,
@@ -290,31 +290,6 @@ def _per_class_rows(computed: dict, id2label: dict[int, str], multi_label: bool)
 # Output files (each written to a temporary name in the folder, then renamed: never half-written)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -343,7 +318,7 @@ def _write_outputs(
     }
     per_class = results["per_class"]
     header = list(per_class[0])
-    _atomic_write(files["per_class"], _csv_bytes(header, [[row[c] for c in header] for row in per_class]))
+    atomic_write_bytes(files["per_class"], _csv_bytes(header, [[row[c] for c in header] for row in per_class]))
 
     rows = []
     for i in np.flatnonzero(scored):
@@ -361,11 +336,11 @@ def _write_outputs(
         if multi_label
         else ["key", "label", "predicted", "score", "correct", "top5", "num_windows"]
     )
-    _atomic_write(files["predictions"], _csv_bytes(header, rows))
+    atomic_write_bytes(files["predictions"], _csv_bytes(header, rows))
 
     if not multi_label:
         files["confusion_matrix"] = output_dir / CONFUSION_MATRIX_FILE
-        _atomic_write(
+        atomic_write_bytes(
             files["confusion_matrix"],
             confusion_matrix_png(np.asarray(computed["confusion_matrix"]), [id2label[c] for c in range(len(id2label))],
                                  title=f"{Path(results['model']).name} on {results['dataset']} ({results['split']}): "
@@ -374,7 +349,7 @@ def _write_outputs(
     paths = {key: str(path) for key, path in files.items()}
     document = {k: v for k, v in results.items() if k != "per_class"}
     document["files"] = {key: Path(path).name for key, path in paths.items()}
-    _atomic_write(files["eval_results"], (json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(files["eval_results"], (json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n").encode())
     return paths
 
 
@@ -432,19 +407,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dataset-name", default=None, help="name recorded in eval_results.json (default: from DATA)")
     parser.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (single-label; default 5)")
-    parser.add_argument(
-        "--window-frames",
-        type=int,
-        default=None,
-        help="frames per sliding window for long clips (default: the feature extractor's max_length)",
-    )
-    parser.add_argument("--hop-frames", type=int, default=None, help="frames between windows (default: half a window)")
-    parser.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        default=None,
-        help="window aggregation (default: max for multi-label models, mean for single-label)",
-    )
+    add_window_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")  # fmt: skip
 
 

@@ -78,6 +78,7 @@ from .data import (
     validate_corpus,
 )
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
+from .files import atomic_write_json, write_folder_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -688,7 +689,7 @@ class Validator:
 
 def save_checkpoint(model, feature_extractor: CATFeatureExtractor, folder: Path, lora: bool) -> None:
     """The model (or the LoRA adapter alone) + feature extractor, every file written atomically."""
-    from .lora import save_lora_adapter, write_folder_atomically
+    from .lora import save_lora_adapter
 
     if lora:
         save_lora_adapter(model, folder, feature_extractor)
@@ -699,27 +700,6 @@ def save_checkpoint(model, feature_extractor: CATFeatureExtractor, folder: Path,
         feature_extractor.save_pretrained(temporary)
 
     write_folder_atomically(folder, write)
-
-
-def write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
-    from .lora import write_folder_atomically
-
-    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
-    write_folder_atomically(path.parent, lambda folder: (folder / path.name).write_text(text, encoding="utf-8"))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _prepare_output_dir(config: FinetuneConfig) -> Path:
@@ -948,7 +928,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
             "config": dataclasses.asdict(config),
             "versions": _versions(),
         }
-        write_json_atomically(output_dir / SUMMARY_FILE, summary)
+        atomic_write_json(output_dir / SUMMARY_FILE, summary)
 
         # Final scores on whole clips (sliding windows), with the exported files: a real round trip.
         from .evaluation import evaluate_model

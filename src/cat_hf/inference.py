@@ -333,6 +333,15 @@ def find_audio_files(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], l
 # `cat-hf predict`
 
 
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sliding-window options shared by `cat-hf predict` and `cat-hf evaluate`."""
+    parser.add_argument("--window-frames", type=int, default=None,
+                        help="frames per sliding window for long clips (default: the feature extractor's max_length)")
+    parser.add_argument("--hop-frames", type=int, default=None, help="frames between windows (default: half a window)")
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default=None,
+                        help="window aggregation (default: max for multi-label models, mean for single-label)")
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs",
@@ -343,19 +352,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder or Hub id of an audio classifier")
     parser.add_argument("--top-k", type=int, default=5, help="labels to show per file (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    parser.add_argument(
-        "--window-frames",
-        type=int,
-        default=None,
-        help="frames per sliding window (default: the feature extractor's max_length)",
-    )
-    parser.add_argument("--hop-frames", type=int, default=None, help="frames between windows (default: half a window)")
-    parser.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        default=None,
-        help="window aggregation (default: max for multi-label models, mean for single-label)",
-    )
+    add_window_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")  # fmt: skip
 

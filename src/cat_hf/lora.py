@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from .configuration_cat import CATConfig
 from .feature_extraction_cat import CATFeatureExtractor
+from .files import write_folder_atomically
 from .modeling_cat import CATForAudioClassification
 
 #: The attention projections LoRA adapts by default (query and value, as in the LoRA paper).
@@ -135,27 +135,6 @@ def describe_trainable(model: torch.nn.Module, what: str = "model") -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Saving, loading, merging
-
-
-def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Let `write(tmp)` fill a fresh temporary folder next to `folder`, then move its files into `folder` one by one
-    with `os.replace`, so no reader ever sees a half-written file. Files of `folder` that `write` does not produce
-    are left alone."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        write(temporary)
-        folder.mkdir(exist_ok=True)
-        for path in sorted(temporary.rglob("*")):
-            target = folder / path.relative_to(temporary)
-            if path.is_dir():
-                target.mkdir(exist_ok=True)
-            else:
-                os.replace(path, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return folder
 
 
 def _base_reference(peft_model: PeftModel) -> str | None:
@@ -260,5 +239,4 @@ __all__ = [
     "load_lora_model",
     "merge_lora",
     "save_lora_adapter",
-    "write_folder_atomically",
 ]

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from .audio import DEFAULT_SAMPLING_RATE as SAMPLING_RATE
 from .configuration_cat import CATConfig
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -579,7 +580,7 @@ class TrainState:
     streaming_skipped: int = 0  # skip counter of a streamed corpus at the last step
 
     def save(self, folder: Path, rank: int) -> None:
-        _atomic_write_text(folder / TRAINER_STATE_FILE.format(rank=rank), json.dumps(dataclasses.asdict(self)))
+        atomic_write_text(folder / TRAINER_STATE_FILE.format(rank=rank), json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def load(cls, folder: Path, rank: int) -> TrainState:
@@ -718,7 +719,7 @@ class Checkpoints:
         acc.save_state(str(tmp))
         state.save(tmp, acc.process_index)
         if acc.is_main_process:
-            _atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+            atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
@@ -840,7 +841,7 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_stale_temporaries()
-        _atomic_write_text(output_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(output_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     accelerator.wait_for_everyone()
 
     # -- model, optimiser, schedule, data loader ----------------------------------------------------------------
@@ -1057,7 +1058,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError):
                 continue
-    _atomic_write_text(path, "".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _hparams(config: PretrainConfig) -> dict[str, Any]:
@@ -1097,7 +1098,7 @@ def export_pretrained(accelerator: Any, model: Any, extractor: CATFeatureExtract
         try:
             model.cat.save_pretrained(staging / "model")
             extractor.save_pretrained(staging / "model")
-            _atomic_write_text(staging / "model" / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+            atomic_write_text(staging / "model" / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
             model.save_pretrained(staging / PRETRAINING_DIR)
             extractor.save_pretrained(staging / PRETRAINING_DIR)
             for item in (staging / "model").iterdir():
@@ -1171,19 +1172,6 @@ def _hardware(accelerator: Any) -> str:
     else:
         name = f"{device.type.upper()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return f"{accelerator.num_processes} x {name}, torch {torch.__version__}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ================================================================================================================
