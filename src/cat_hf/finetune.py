@@ -79,6 +79,7 @@ from .data import (
 )
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .files import atomic_write_json, write_folder_atomically
+from .pretrain import describe_hardware
 
 logger = logging.getLogger(__name__)
 
@@ -917,6 +918,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
             "steps": step,
             "epochs": epoch,
             "train_runtime_s": round(time.time() - started, 1),
+            "hardware": describe_hardware(accelerator),
             "layer_decay": layer_decay,
             "trainable_parameters": trainable,
             "total_parameters": total,

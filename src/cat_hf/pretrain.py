@@ -885,7 +885,7 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
         f"{config.batch_size} clips x {config.gradient_accumulation_steps} micro-batches x {world} processes per "
         f"step, {model_config.clone_batch} masked clones each, RR {getattr(rr_encoder, 'name', 'off')}, "
         f"steps {state.step + 1}..{min(config.max_steps, config.stop_at_step or config.max_steps)} of "
-        f"{config.max_steps}, on {_hardware(accelerator)}."
+        f"{config.max_steps}, on {describe_hardware(accelerator)}."
     )
     grid = (config.frames // model_config.patch_size, model_config.frequency_patches)
     batches = iterate_batches(accelerator, dataloader, sampler, dataset, state)
@@ -1158,14 +1158,15 @@ def _summary(config, accelerator, corpus, dataset, rr_encoder, model, state, ses
         "ema_decay_final": model.teacher_decay(state.step),
         "skipped_files": state.skipped_files,
         "wall_time_s": round(state.train_seconds, 1),
-        "hardware": _hardware(accelerator),
+        "hardware": describe_hardware(accelerator),
         "final_loss_window_steps": len(window),
         **finals,
         "config": config.to_dict(),
     }
 
 
-def _hardware(accelerator: Any) -> str:
+def describe_hardware(accelerator: Any) -> str:
+    """"1 x CPU (x86_64, 2 cores), torch 2.13.0" / "4 x NVIDIA H100 ...": the compute line of summaries and cards."""
     device = accelerator.device
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
