@@ -28,6 +28,10 @@ def test_demo_end_to_end_in_small(tmp_path):
                         top_k=len(CLASSES))
     assert {s["label"] for s in scores} == set(CLASSES)
     assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-5)
+    # Running it again in the same folder starts afresh instead of failing on the old checkpoints.
+    again = run_demo(tmp_path, pretrain_steps=4, finetune_steps=4, clips_per_class=6)
+    assert json.loads((tmp_path / "cat-tiny-pretrained" / "training_summary.json").read_text())["steps"] == 4
+    assert again["model_dir"] == report["model_dir"]
 
 
 def test_spectral_statistics_encoder_is_deterministic_and_sized():

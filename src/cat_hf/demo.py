@@ -30,6 +30,8 @@ import torch
 
 SAMPLING_RATE = 16000
 CLASSES = ("hum", "rumble", "beeps", "whistle", "hiss")
+#: What the demo writes inside its workdir (and removes again when it is run a second time there).
+DEMO_FOLDERS = ("corpus", "cat-tiny-pretrained", "cat-tiny-lora", "evaluation")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,6 +139,8 @@ def run_demo(workdir: Path, *, pretrain_steps: int = 1000, finetune_steps: int =
         print(f"[{seconds:6.1f} s] {name}: {result}", flush=True)
 
     corpus = workdir / "corpus"
+    for owned in DEMO_FOLDERS:  # a rerun starts afresh instead of resuming or mixing with an older corpus
+        shutil.rmtree(workdir / owned, ignore_errors=True)
     start = time.perf_counter()
     counts = synthesize_corpus(corpus, clips_per_class=clips_per_class, seed=seed)
     step("synthesise corpus", start,
