@@ -4,7 +4,9 @@ Both compute the Kaldi log-mel fbank of the AST/CAT recipe (128 bins, 25 ms / 10
 by clip (torchaudio when importable, else its numpy path, which loops over frames in Python); CAT does the whole
 batch in one pass. Prints a markdown table and the speed ratio measured in this run.
 
-    python benchmarks/bench_feature_extraction.py [--clips 64] [--seconds 10] [--repeats 3] [--threads 2]
+    python benchmarks/bench_feature_extraction.py [--clips 64] [--seconds 10] [--repeats 5] [--threads 2] [--settle 0.3]
+
+Run it on a quiet machine: the 1-min load average is printed with the results.
 """
 
 from __future__ import annotations
@@ -35,19 +37,23 @@ def make_clips(num_clips: int, seconds: float, sampling_rate: int = 16000, seed:
 
 
 def time_interleaved(
-    runs: dict[str, Callable[[], object]], repeats: int
+    runs: dict[str, Callable[[], object]], repeats: int, settle: float = 0.3
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Warm each run up once, then time them round-robin, so background load affects all of them alike.
+    """Times the runs round-robin, so that background load affects all of them alike, each in a steady state.
 
+    Before each timed call: a `settle` s pause, then one untimed call of the same run. The pause lets the worker
+    threads of the previous run go idle (OpenBLAS's, used by numpy in the AST path, keep spinning for ~0.1 s and on
+    a 2-core machine take a core from whatever runs next: CAT measured 2-3x slower right after an AST call); the
+    untimed call brings the CPU clock and caches back up after the pause, as in a loop over batches.
     Returns wall-clock and process CPU seconds per run; on a busy machine the CPU time shows how much of the wall
     time was spent waiting for a core.
     """
-    for run in runs.values():
-        run()
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
+            time.sleep(settle)
+            run()
             start, start_cpu = time.perf_counter(), time.process_time()
             run()
             wall[name].append(time.perf_counter() - start)
@@ -59,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=0.3, help="pause in seconds before each timed run")
     parser.add_argument("--device", default="cpu", help="device of the CAT extractor (AST always runs on CPU)")
     args = parser.parse_args(argv)
 
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     def run_ast() -> torch.Tensor:
         return ast(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
 
-    wall, cpu = time_interleaved({"cat": run_cat, "ast": run_ast}, args.repeats)
+    wall, cpu = time_interleaved({"cat": run_cat, "ast": run_ast}, args.repeats, args.settle)
     cat_s, ast_s = statistics.median(wall["cat"]), statistics.median(wall["ast"])
     cat_cpu, ast_cpu = statistics.median(cpu["cat"]), statistics.median(cpu["ast"])
 
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     print(
         f"{args.clips} clips x {args.seconds:g} s at 16 kHz, torch threads {args.threads}, "
-        f"median of {args.repeats} after one warm-up; AST path: {ast_path}; CAT device: {args.device}; "
+        f"median of {args.repeats}, each after a {args.settle:g} s pause and an untimed call; AST path: {ast_path}; "
+        f"CAT device: {args.device}; "
         f"{os.cpu_count()} CPUs, 1-min load average {load}"
     )
     print()
