@@ -141,6 +141,58 @@ def test_batched_equals_per_clip():
     torch.testing.assert_close(one_chunk["input_values"], batched["input_values"], atol=1e-5, rtol=0)
 
 
+def test_chunk_plan_covers_every_frame_once():
+    """Chunks tile the real frames exactly once, stay within the size limit, and never overlap two clips' samples."""
+    from cat_hf.feature_extraction_cat import _plan_chunks
+
+    window, shift, rows_per_clip = 400, 160, 112
+    frames = [98, 1, 112, 111, 110, 40, 112, 3]  # short, one frame, full (truncated) and nearly full clips
+    for chunk_frames in (1, 7, 98, 112, 250, 10_000):
+        chunks = _plan_chunks(frames, rows_per_clip, chunk_frames, window, shift)
+        covered = []
+        for start, stop, pieces in chunks:
+            assert 0 < stop - start <= max(chunk_frames, 1)
+            assert start == pieces[0][0] * rows_per_clip + pieces[0][1]
+            assert stop == pieces[-1][0] * rows_per_clip + pieces[-1][2]
+            for (clip, first, stop_frame), following in zip(pieces, pieces[1:] + [None], strict=True):
+                covered += [(clip, f) for f in range(first, stop_frame)]
+                if following is not None:  # the next clip's samples start after this clip's last frame ends
+                    assert first == 0 and following[1] == 0 and following[0] == clip + 1
+                    assert (stop_frame - 1) * shift + window <= rows_per_clip * shift
+        assert covered == [(clip, f) for clip, n in enumerate(frames) for f in range(n)]
+    # Short clips share chunks; clips longer than a chunk get equal pieces.
+    assert len(_plan_chunks([98] * 9, rows_per_clip, 1024, window, shift)) == 1
+    assert [stop - start for start, stop, _ in _plan_chunks([998], 1024, 400, window, shift)] == [333, 333, 332]
+
+
+def test_chunk_sizes_and_functional_api_agree():
+    """Every chunking gives the same features (packed short clips, split long ones, truncation, a 1-frame clip)."""
+    clips = [_clip(0.4, 1), _clip(1.3, 2), np.zeros(400, dtype=np.float32) + _clip(0.025, 3), _clip(0.05, 4)]
+    reference = CATFeatureExtractor(max_length=64)(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert reference.shape == (4, 64, 128)
+    for chunk_frames in (1, 5, 64, 100, 100_000):
+        extractor = CATFeatureExtractor(max_length=64, chunk_frames=chunk_frames)
+        out = extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    # The functional kernel on a padded batch is the extractor without clip-mean subtraction and normalisation.
+    raw = CATFeatureExtractor(max_length=64, do_normalize=False, subtract_waveform_mean=False)
+    expected = raw(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+    padded = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(c) for c in clips], batch_first=True)
+    fbank, num_frames = kaldi_fbank_batch(padded, [len(c) for c in clips], num_output_frames=64)
+    assert num_frames.tolist() == [38, 64, 1, 3]
+    assert torch.equal(fbank, expected)
+    assert torch.all(fbank[2, 1:] == 0.0)  # raw padding value
+
+
+def test_huge_finite_samples_are_accepted():
+    """A float32 clip sum can overflow without any NaN/Inf sample: the mean is then taken in float64."""
+    extractor = CATFeatureExtractor(max_length=16)
+    huge = np.full(4000, 1e35, dtype=np.float32)  # sum 4e38 > float32 max; minus its mean it is silence
+    out = extractor([huge, np.zeros(4000, dtype=np.float32)], sampling_rate=16000, return_tensors="pt")
+    assert torch.isfinite(out["input_values"]).all()
+    assert torch.equal(out["input_values"][0], out["input_values"][1])
+
+
 def test_longest_padding_rounds_to_patches_and_masks():
     extractor = CATFeatureExtractor()
     clips = [_clip(1.0, 1), np.zeros(400, dtype=np.float32) + _clip(0.025, 2)]  # 98 frames and 1 frame
