@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from synthetic_audio import CLASSES, SR, synth
 
 import cat_hf  # noqa: F401 - registers CAT with the Auto classes (the pipeline needs it)
 from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CATModel
@@ -35,30 +36,7 @@ from cat_hf.finetune import (
     warmup_cosine,
 )
 
-SR = 16000
-CLASSES = ("clicks", "noise", "tone")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and much faster on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def synth(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """A clip of one of three easily told apart kinds: a low tone, white noise, or sparse clicks."""
-    n = int(SR * seconds)
-    if kind == "tone":
-        x = 0.3 * np.sin(2 * np.pi * rng.uniform(300, 500) * np.arange(n) / SR) + 0.01 * rng.standard_normal(n)
-    elif kind == "noise":
-        x = 0.1 * rng.standard_normal(n)
-    else:
-        x = 0.001 * rng.standard_normal(n)
-        x[int(rng.integers(0, 800)) :: 800] = 0.5
-    return (x * rng.uniform(0.5, 1.5)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def write_audiofolder(root: Path, per_class: int = 16, seed: int = 0) -> Path:
@@ -66,7 +44,7 @@ def write_audiofolder(root: Path, per_class: int = 16, seed: int = 0) -> Path:
     for kind in CLASSES:
         (root / kind).mkdir(parents=True)
         for i in range(per_class):
-            sf.write(root / kind / f"{kind}{i}.wav", synth(kind, rng.uniform(0.5, 0.9), rng), SR)
+            sf.write(root / kind / f"{kind}{i}.wav", synth(kind, rng.uniform(0.5, 0.9), rng, gain=rng.uniform(0.5, 1.5)), SR)
     return root
 
 

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from synthetic_audio import CLASSES, SR, synth
 
 import cat_hf  # noqa: F401 - Auto-class registration
 from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CATModel
@@ -24,30 +25,10 @@ from cat_hf.lora import (
     merge_lora,
 )
 
-SR = 16000
-CLASSES = ("clicks", "noise", "tone")
 LABEL_KWARGS = dict(num_labels=3, id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
                     problem_type="single_label_classification")  # fmt: skip
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def synth(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    n = int(SR * seconds)
-    if kind == "tone":
-        x = 0.3 * np.sin(2 * np.pi * rng.uniform(300, 500) * np.arange(n) / SR)
-    elif kind == "noise":
-        x = 0.1 * rng.standard_normal(n)
-    else:
-        x = 0.001 * rng.standard_normal(n)
-        x[int(rng.integers(0, 800)) :: 800] = 0.5
-    return x.astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")
