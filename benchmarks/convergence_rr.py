@@ -116,6 +116,10 @@ class Settings:
     seed: int = 1
     rr_loss_weight: float = 1.0
     rr_loss_type: str = "mse"
+    # the EMA teacher's decay schedule; None keeps the tiny recipe's (0.99 rising to 0.999 by step 200)
+    ema_decay: float | None = None
+    ema_end_decay: float | None = None
+    ema_anneal_end_step: int | None = None
     embed_shard_size: int = 256
     embed_max_seconds: float = 10.0
     # probing
@@ -156,6 +160,10 @@ class Settings:
         if unknown:
             raise ExperimentError(f"{SETTINGS_FILE} has unknown keys {unknown}; it was written by another version.")
         return cls(**values)
+
+
+#: Settings passed to the model config under the same names (None = the recipe's value).
+EMA_SETTINGS = ("ema_decay", "ema_end_decay", "ema_anneal_end_step")
 
 
 def resolve_settings(output_dir: Path, given: Mapping[str, Any]) -> Settings:
@@ -286,6 +294,7 @@ class Experiment:
             "model.rr_embedding_dim": AISFX_DIM,
             "model.rr_loss_weight": s.rr_loss_weight,
             "model.rr_loss_type": s.rr_loss_type,
+            **{f"model.{name}": getattr(s, name) for name in EMA_SETTINGS if getattr(s, name) is not None},
             "rr_encoder": f"cache:{self.rr_cache}" if run == "rr" else "none",
             "num_workers": 0,
             "save_every": 0,  # checkpoints come from stop_at_step, one per segment
@@ -672,6 +681,17 @@ def steps_to_reach(steps: Sequence[int], accuracies: Sequence[float], target: fl
     return None, None
 
 
+def steps_held(steps: Sequence[int], accuracies: Sequence[float], target: float) -> int | None:
+    """The first checkpoint from which every later checkpoint is at or above `target` (None if the last is not):
+    a single lucky checkpoint on a small test split does not count as reaching it."""
+    held = None
+    for step, accuracy in zip(reversed(steps), reversed(accuracies)):
+        if accuracy < target:
+            break
+        held = step
+    return held
+
+
 def summarise(exp: Experiment) -> dict[str, Any]:
     """Per probe corpus and pooling: the accuracy curves and the steps-to-reach ratio of RR against no RR."""
     results = read_json(exp.root / PROBES_FILE, {})
@@ -688,9 +708,11 @@ def summarise(exp: Experiment) -> dict[str, Any]:
             if final in no_rr and trained:
                 target = no_rr[final]
                 first, interpolated = steps_to_reach([s for s, _ in trained], [a for _, a in trained], target)
+                held = steps_held([s for s, _ in trained], [a for _, a in trained], target)
                 item.update(target=target, rr_first_checkpoint=first, rr_interpolated_step=interpolated,
-                            ratio=None if first is None else first / final,
+                            ratio=None if first is None else first / final, rr_held_from=held,
                             goal_met=first is not None and first <= final / 3,
+                            goal_held=held is not None and held <= final / 3,
                             no_rr_improved=0 not in no_rr or target > no_rr[0])  # fmt: skip
             summary[f"{corpus_name}/{pooling}"] = item
     return summary
@@ -703,13 +725,16 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def write_report(exp: Experiment) -> str:
     s = exp.settings
     summary = summarise(exp)
+    model = exp.pretrain_config("no-rr", None).model
     lines = [
         "# RR convergence experiment",
         "",
         (
             f"{s.preset} pretrained for {s.steps} steps on `{s.pretrain_corpus}` "
             f"({'all' if s.pretrain_clips is None else s.pretrain_clips} training clips), batch {s.batch_size}, "
-            f"lr {s.learning_rate:g} (warm-up {s.warmup_steps}, cosine), seed {s.seed}; RR: aisfx 0.1.2 embeddings "
+            f"lr {s.learning_rate:g} (warm-up {s.warmup_steps}, cosine), EMA teacher decay {model['ema_decay']:g} "
+            f"rising to {model['ema_end_decay']:g} by step {model['ema_anneal_end_step']}, seed {s.seed}; "
+            "RR: aisfx 0.1.2 embeddings "
             f"(frozen, pretrained), {s.rr_loss_type} weight {s.rr_loss_weight:g}. Linear probe: logistic regression "
             "on frozen pooled features, L2 chosen on validation, accuracy on the fixed test split."
         ),
@@ -740,6 +765,13 @@ def write_report(exp: Experiment) -> str:
                     f"{item['rr_first_checkpoint']} (interpolated {item['rr_interpolated_step']:.0f}), ratio "
                     f"{item['ratio']:.2f} of the steps. Goal (at most 1/3): "
                     f"**{'met' if item['goal_met'] else 'not met'}**."
+                )
+                held = item["rr_held_from"]
+                lines.append(
+                    "Reached and held at every later checkpoint: "
+                    + ("never (the last RR checkpoint is below it)." if held is None else
+                       f"from checkpoint {held} ({held / s.steps:.2f} of the steps; goal "
+                       f"{'met' if item['goal_held'] else 'not met'} on this stricter reading).")
                 )
             if not item["no_rr_improved"]:
                 lines.append("Caution: the no-RR run ends no better than the initialisation (step 0), so reaching its "
@@ -837,6 +869,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, help="seed of both runs (default 1)")
     group.add_argument("--rr-loss-weight", type=float, help="RR weight of the RR run (default 1.0)")
     group.add_argument("--rr-loss-type", choices=("mse", "cosine", "l1"), help="RR loss of the RR run (default mse)")
+    group.add_argument("--ema-decay", type=float, help="EMA teacher decay at the start (default: recipe's 0.99)")
+    group.add_argument("--ema-end-decay", type=float, help="EMA decay at and after --ema-anneal-end-step "
+                                                           "(default: recipe's 0.999)")
+    group.add_argument("--ema-anneal-end-step", type=int, help="step where the decay reaches its end value "
+                                                               "(default: recipe's 200)")
     group.add_argument("--probe-corpora", nargs="+", choices=PROBE_CORPORA,
                        help="labelled corpora to probe (default instruments spoken-language)")
     group.add_argument("--probe-max-clips", type=int, help="at most this many clips per split (smoke tests)")
@@ -845,8 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SETTING_FLAGS = ("corpora_root", "pretrain_clips", "preset", "steps", "checkpoints", "batch_size", "learning_rate",
-                 "warmup_steps", "seed", "rr_loss_weight", "rr_loss_type", "probe_corpora", "probe_max_clips",
-                 "probe_max_windows")
+                 "warmup_steps", "seed", "rr_loss_weight", "rr_loss_type", *EMA_SETTINGS, "probe_corpora",
+                 "probe_max_clips", "probe_max_windows")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
