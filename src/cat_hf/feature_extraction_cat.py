@@ -52,8 +52,8 @@ FEATURE_PRESETS: dict[str, dict[str, float | int]] = {
 #: Frames per time patch of the model: inputs padded with ``padding="longest"`` are rounded up to a multiple of it.
 PATCH_FRAMES = 16
 
-#: Frames per CPU chunk: one 10 s clip (998 frames), whose ~6 MB of intermediates stay in the CPU caches. Measured on
-#: a 2-core AMD EPYC: 512 to 1024 are equally fast, 2048 is 1.3x slower (the FFT leaves the L2 cache).
+#: Frames per CPU chunk: one 10 s clip (998 frames), whose ~6 MB of intermediates stay in the shared CPU cache.
+#: Measured on a 2-core AMD EPYC: 512 to 1024 are equally fast, 2048 is 1.3x slower, 128 is 1.2x slower.
 DEFAULT_CHUNK_FRAMES = 1024
 
 #: Frames per step on GPUs, where bigger is faster and only memory bounds it (~0.5 GB of intermediates).
