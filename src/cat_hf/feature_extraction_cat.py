@@ -53,7 +53,7 @@ FEATURE_PRESETS: dict[str, dict[str, float | int]] = {
 PATCH_FRAMES = 16
 
 #: Frames per CPU chunk: one 10 s clip (998 frames), whose ~6 MB of intermediates stay in the shared CPU cache.
-#: Measured on a 2-core AMD EPYC: 512 to 1024 are equally fast, 2048 is 1.3x slower, 128 is 1.2x slower.
+#: Measured on a 2-core AMD EPYC: 512 to 1024 are equally fast, 2048 is 1.3x slower, 128 is 1.2-1.6x slower.
 DEFAULT_CHUNK_FRAMES = 1024
 
 #: Frames per step on GPUs, where bigger is faster and only memory bounds it (~0.5 GB of intermediates).
