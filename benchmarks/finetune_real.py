@@ -64,6 +64,8 @@ def finetune_command(args: argparse.Namespace, mode: str) -> list[str]:
         "--num-workers", "0",
         "--output-dir", str(Path(args.output_dir) / mode),
     ]  # fmt: skip
+    if args.max_grad_norm:
+        command += ["--max-grad-norm", str(args.max_grad_norm)]
     if mode == "scratch":
         command += ["--preset", args.scratch_preset, "--learning-rate", str(args.learning_rate)]
     else:
@@ -72,7 +74,8 @@ def finetune_command(args: argparse.Namespace, mode: str) -> list[str]:
         command += ["--learning-rate", str(args.learning_rate)]
     elif mode == "lora":
         command += ["--lora", "--lora-r", str(args.lora_r), "--lora-alpha", str(2 * args.lora_r),
-                    "--lora-target-modules", args.lora_target_modules, "--learning-rate", str(args.lora_learning_rate),
+                    "--lora-target-modules", args.lora_target_modules,
+                    "--lora-modules-to-save", args.lora_modules_to_save, "--learning-rate", str(args.lora_learning_rate),
                     "--merge"]  # fmt: skip
     elif mode == "linear-probe":
         command += ["--linear-probe", "--learning-rate", str(args.lora_learning_rate)]
@@ -214,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-learning-rate", type=float, default=2e-3, help="LoRA (and the linear probe)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r)")
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj")
+    parser.add_argument("--lora-modules-to-save", default="fc_norm,classifier",
+                        help="trained in full with LoRA (add norm1,norm2 for the blocks' LayerNorms)")
     parser.add_argument("--scratch-preset", default="cat-tiny", help="architecture of the from-scratch baseline")
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping of every mode (default none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: unset)")
     return parser

@@ -104,6 +104,8 @@ def test_add_lora_rejects_unknown_modules():
         add_lora(model, LoraSettings(target_modules=["query"]))
     with pytest.raises(ValueError, match="modules_to_save"):
         add_lora(model, LoraSettings(modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        add_lora(model, LoraSettings(modules_to_save=["orm1"]))  # a name's last parts, not any substring
 
 
 def test_adapter_folder_is_small_and_self_describing(lora_run, encoder_dir):
@@ -169,6 +171,37 @@ def test_merge_from_the_command_line(lora_run, features, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(input_values=features).logits, first(input_values=features).logits)
     assert merge_lora(out, tmp_path / "merged-py") == tmp_path / "merged-py"
+
+
+def test_block_layernorms_train_with_the_adapter_and_merge(encoder_dir, features, tmp_path):
+    """modules_to_save may name nested modules (PEFT matches name suffixes): tuning the blocks' LayerNorms next to
+    LoRA saves them with the adapter, and the merged model still equals the adapter model."""
+    model = CATForAudioClassification.from_pretrained(encoder_dir, **LABEL_KWARGS)
+    settings = LoraSettings(modules_to_save=["fc_norm", "classifier", "norm1", "norm2"])
+    peft_model = add_lora(model, settings, verbose=False)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any(".layers.0.norm1.modules_to_save." in n for n in trainable)
+    assert any(".layers.1.norm2.modules_to_save." in n for n in trainable)
+    trainable_share = count_parameters(peft_model)[0] / count_parameters(peft_model)[1]
+    assert trainable_share < 0.1
+    with torch.no_grad():  # move the tuned norms away from their pretrained values
+        for name, parameter in peft_model.named_parameters():
+            if ".modules_to_save." in name and ".norm" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02)
+    from cat_hf.lora import save_lora_adapter
+
+    adapter = save_lora_adapter(peft_model, tmp_path / "adapter")
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("layers.0.norm1" in k for k in saved) and any("layers.1.norm2" in k for k in saved)
+    peft_model.eval()
+    merged = CATForAudioClassification.from_pretrained(merge_lora(adapter, tmp_path / "merged")).eval()
+    with torch.no_grad():
+        expected = peft_model(input_values=features).logits
+        torch.testing.assert_close(load_lora_model(adapter).eval()(input_values=features).logits, expected,
+                                   atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(merged(input_values=features).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_loading_errors_say_what_is_missing(tmp_path, lora_run):

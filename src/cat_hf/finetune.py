@@ -79,6 +79,7 @@ from .data import (
 )
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .files import atomic_write_json, write_folder_atomically
+from .lora import DEFAULT_MODULES_TO_SAVE, DEFAULT_TARGET_MODULES
 from .pretrain import describe_hardware
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    lora_modules_to_save: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_SAVE))
     merge: bool = False
     # run
     output_dir: str = "cat-finetuned"
@@ -776,7 +778,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
     num_layers = model.config.num_hidden_layers
     if config.lora:
         model = add_lora(model, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                             target_modules=list(config.lora_target_modules)), verbose=False)  # fmt: skip
+                                             target_modules=list(config.lora_target_modules),
+                                             modules_to_save=list(config.lora_modules_to_save)), verbose=False)  # fmt: skip
     elif config.linear_probe:
         freeze_encoder(model)
     accelerator.print(describe_trainable(model, config.mode.replace("_", " ")))
@@ -1011,6 +1014,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                             ("overwrite-output-dir", "write into an existing non-empty output folder")):  # fmt: skip
         group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=S, help=help_text)
     group.add_argument("--lora-target-modules", type=_comma_list, default=S, help="comma list (default q_proj,v_proj)")
+    group.add_argument("--lora-modules-to-save", type=_comma_list, default=S,
+                       help="modules trained in full and saved with the adapter (default fc_norm,classifier; "
+                            "add norm1,norm2 to also tune the blocks' LayerNorms)")  # fmt: skip
     group.add_argument("--output-dir", default=S, help="where the exported model goes (default ./cat-finetuned)")
     group.add_argument("--report-to", type=_comma_list, default=S, help="trackers, e.g. tensorboard")
     group = parser.add_argument_group("merge an existing adapter (no training)")

@@ -4,7 +4,9 @@ Defaults (`LoraSettings`): rank 8, alpha 16, dropout 0.1 on the attention query 
 (`target_modules = ["q_proj", "v_proj"]`, the LoRA paper's choice); the classification head - `fc_norm` and
 `classifier`, which are new for every label set - is trained in full through PEFT's `modules_to_save`. The LoRA
 weights are 0.3 % of cat-base; with a 527-class AudioSet head 0.76 % of the parameters train (cat-tiny, 10 classes:
-1.1 %).
+1.1 %). `modules_to_save` may also name nested modules by their last name parts, as PEFT matches them: adding
+`norm1` and `norm2` tunes the LayerNorms of every block (transformer and stem) as well (+0.2 % of cat-tiny; `--lora-modules-to-save` of
+`cat-hf finetune`).
 
 PEFT has no audio-classification `TaskType`, so the model is wrapped as a plain `PeftModel` (no `task_type`): its
 forward passes every argument through to `CATForAudioClassification.forward(input_values, attention_mask, labels,
@@ -31,16 +33,18 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.utils import logging as hf_logging
 
 from .configuration_cat import CATConfig
 from .feature_extraction_cat import CATFeatureExtractor
 from .files import write_folder_atomically
 from .modeling_cat import CATForAudioClassification
+
+if TYPE_CHECKING:  # peft is imported where it is used: `import cat_hf.lora` stays cheap for its constants
+    from peft import LoraConfig, PeftModel
 
 #: The attention projections LoRA adapts by default (query and value, as in the LoRA paper).
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "v_proj")
@@ -74,6 +78,8 @@ class LoraSettings:
             raise ValueError("LoRA target_modules is empty; name at least one Linear layer, e.g. ['q_proj', 'v_proj'].")
 
     def to_peft_config(self) -> LoraConfig:
+        from peft import LoraConfig
+
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -102,13 +108,19 @@ def add_lora(model: CATForAudioClassification, settings: LoraSettings | None = N
             f"LoRA target_modules {missing} are not Linear layers of {type(model).__name__}; CAT's are "
             f"{sorted(linear_names)} (attention: q_proj, k_proj, v_proj, o_proj; MLP: fc1, fc2)."
         )
-    child_names = {name for name, _ in model.named_children()}
-    unknown = [name for name in settings.modules_to_save if name not in child_names]
+    module_names = [name for name, _ in model.named_modules() if name]
+    unknown = [target for target in settings.modules_to_save
+               if not any(name == target or name.endswith("." + target) for name in module_names)]  # fmt: skip
     if unknown:
-        raise ValueError(f"modules_to_save {unknown} are not modules of the classifier; use {sorted(child_names)}.")
+        raise ValueError(
+            f"modules_to_save {unknown} name no module of the classifier; PEFT matches a name or its last parts, e.g. "
+            "fc_norm, classifier, norm1, norm2 (the post-attention / post-MLP LayerNorms of every block)."
+        )
     name_or_path = getattr(model, "name_or_path", "") or ""
     if name_or_path and Path(name_or_path).is_dir():
         model.name_or_path = os.path.abspath(name_or_path)  # the adapter must find its base from anywhere
+    from peft import get_peft_model
+
     peft_model = get_peft_model(model, settings.to_peft_config())
     if verbose:
         print(describe_trainable(peft_model, "LoRA"))
@@ -118,6 +130,8 @@ def add_lora(model: CATForAudioClassification, settings: LoraSettings | None = N
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters. For a PEFT model, "all" counts the base model plus the adapters (each
     `modules_to_save` copy once, so the head is not counted twice)."""
+    from peft import PeftModel
+
     if isinstance(model, PeftModel):
         trainable, _ = model.get_nb_trainable_parameters()
         base = model.get_base_model()
@@ -200,6 +214,8 @@ def load_lora_model(
         model = CATForAudioClassification.from_pretrained(base, config=classifier_config, ignore_mismatched_sizes=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
 
 

@@ -1,0 +1,47 @@
+"""The RR convergence benchmark's probes (benchmarks/convergence_rr.py): the cross-validated linear probe that judges
+the experiment scores every clip once, keeps classes balanced across folds, and measures what it should."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def convergence():
+    spec = importlib.util.spec_from_file_location("cat_hf_bench_convergence", REPO_ROOT / "benchmarks" / "convergence_rr.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_folds_cover_every_clip_once_and_balance_the_classes(convergence):
+    labels = np.repeat(np.arange(4), [10, 7, 13, 5])
+    folds = convergence.stratified_folds(labels, 5, seed=3)
+    assert folds.shape == labels.shape and set(folds.tolist()) == set(range(5))
+    for label in range(4):
+        counts = np.bincount(folds[labels == label], minlength=5)
+        assert counts.max() - counts.min() <= 1  # each class spread evenly
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.max() - sizes.min() <= 1  # and the folds equal in size
+    assert np.array_equal(folds, convergence.stratified_folds(labels, 5, seed=3))  # seeded
+
+
+def test_cross_validated_probe_separates_signal_from_noise(convergence):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    centres = rng.normal(size=(3, 8)) * 3.0
+    separable = (centres[labels] + rng.normal(size=(120, 8))).astype(np.float32)
+    result = convergence.cross_validated_probe(separable, labels, 3)
+    assert result["cv_accuracy"] > 0.9 and result["cv_clips"] == 120 and result["cv_folds"] == 5
+    assert result["cv_weight_decay"] in convergence.CV_WEIGHT_DECAYS
+
+    noise = rng.normal(size=(120, 8)).astype(np.float32)  # no relation to the labels: near chance (1/3)
+    assert convergence.cross_validated_probe(noise, labels, 3)["cv_accuracy"] < 0.55
