@@ -75,7 +75,8 @@ def finetune_command(args: argparse.Namespace, mode: str) -> list[str]:
     elif mode == "lora":
         command += ["--lora", "--lora-r", str(args.lora_r), "--lora-alpha", str(2 * args.lora_r),
                     "--lora-target-modules", args.lora_target_modules,
-                    "--lora-modules-to-save", args.lora_modules_to_save, "--learning-rate", str(args.lora_learning_rate),
+                    "--lora-modules-to-save", args.lora_modules_to_save, "--lora-plus-ratio", str(args.lora_plus_ratio),
+                    "--learning-rate", str(args.lora_learning_rate),
                     "--merge"]  # fmt: skip
     elif mode == "linear-probe":
         command += ["--linear-probe", "--learning-rate", str(args.lora_learning_rate)]
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-learning-rate", type=float, default=2e-3, help="LoRA (and the linear probe)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r)")
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj")
+    parser.add_argument("--lora-plus-ratio", type=float, default=1.0, help="LoRA+ lr ratio of B to A (1: plain LoRA)")
     parser.add_argument("--lora-modules-to-save", default="fc_norm,classifier",
                         help="trained in full with LoRA (add norm1,norm2 for the blocks' LayerNorms)")
     parser.add_argument("--scratch-preset", default="cat-tiny", help="architecture of the from-scratch baseline")

@@ -204,6 +204,21 @@ def test_block_layernorms_train_with_the_adapter_and_merge(encoder_dir, features
         torch.testing.assert_close(merged(input_values=features).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_lora_plus_ratio_speeds_up_only_the_b_matrices():
+    from cat_hf.finetune import FinetuneConfig, FinetuneConfigError, build_param_groups
+
+    model = add_lora(CATForAudioClassification(CATConfig.from_preset("cat-tiny", num_hidden_layers=2, num_labels=3)),
+                     verbose=False)  # fmt: skip
+    groups = build_param_groups(model, learning_rate=1e-3, weight_decay=0.05, layer_decay=1.0, num_layers=2,
+                                lora_plus_ratio=16.0)  # fmt: skip
+    rate = {name: group["lr"] for group in groups for name in group["names"]}
+    b_rates = sorted({round(r, 12) for n, r in rate.items() if ".lora_B." in n})
+    others = sorted({round(r, 12) for n, r in rate.items() if ".lora_B." not in n})
+    assert b_rates == [1.6e-2] and others == [1e-3]
+    with pytest.raises(FinetuneConfigError, match="lora_plus_ratio must be positive"):
+        FinetuneConfig(data="x", lora_plus_ratio=0.0).validate()
+
+
 def test_loading_errors_say_what_is_missing(tmp_path, lora_run):
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_lora_model(tmp_path)

@@ -140,8 +140,9 @@ class FinetuneConfig:
     Sampling: balanced_sampling (clip weight = sum over its tags of 1 / tag count, drawn with replacement),
         samples_per_epoch (clips drawn per epoch with balanced sampling; default: the corpus size).
     Evaluation: eval_steps, eval_batch_size, metric ("auto": accuracy for single-label, mAP for multi-label).
-    Modes: linear_probe; lora with lora_r, lora_alpha, lora_dropout, lora_target_modules; merge (write a merged
-        copy of the LoRA model to `<output_dir>/merged`).
+    Modes: linear_probe; lora with lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save
+        (trained in full, saved with the adapter), lora_plus_ratio (LoRA+: the B matrices' lr is that many times
+        the A matrices'; 1 = plain LoRA); merge (write a merged copy of the LoRA model to `<output_dir>/merged`).
     Run: output_dir, overwrite_output_dir, seed, num_workers, logging_steps, report_to (e.g. ["tensorboard"]).
     """
 
@@ -206,6 +207,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     lora_modules_to_save: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_SAVE))
+    lora_plus_ratio: float = 1.0
     merge: bool = False
     # run
     output_dir: str = "cat-finetuned"
@@ -266,6 +268,8 @@ class FinetuneConfig:
             fail(f"layer_decay must be in (0, 1] (1 = no decay), got {self.layer_decay}.")
         if not 0 <= self.label_smoothing < 1:
             fail(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.lora_plus_ratio <= 0:
+            fail(f"lora_plus_ratio must be positive (1 = plain LoRA, 16 = the LoRA+ paper's), got {self.lora_plus_ratio}.")
         if self.lora and self.linear_probe:
             fail("Choose either lora or linear_probe, not both.")
         if self.lora and not self.model:
@@ -583,13 +587,17 @@ def build_param_groups(
     layer_decay: float,
     num_layers: int,
     decay_stem: bool = False,
+    lora_plus_ratio: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """One AdamW group per (lr scale, weight decay on/off) over the trainable parameters."""
+    """One AdamW group per (lr scale, weight decay on/off) over the trainable parameters. `lora_plus_ratio` is
+    LoRA+'s lambda (Hayou et al., 2024): the LoRA B matrices learn that many times faster than the A matrices."""
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         scale = layer_lr_scale(name, num_layers, layer_decay, decay_stem)
+        if ".lora_B." in name:
+            scale *= lora_plus_ratio
         decay = uses_weight_decay(name, parameter)
         group = groups.setdefault((scale, decay), {
             "params": [], "names": [], "lr": learning_rate * scale, "lr_scale": scale,
@@ -788,7 +796,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
     # 3. Optimiser ---------------------------------------------------------------------------------------------
     layer_decay = config.effective_layer_decay()
     groups = build_param_groups(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                                layer_decay=layer_decay, num_layers=num_layers, decay_stem=config.layer_decay_stem)  # fmt: skip
+                                layer_decay=layer_decay, num_layers=num_layers, decay_stem=config.layer_decay_stem,
+                                lora_plus_ratio=config.lora_plus_ratio)  # fmt: skip
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
         lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
@@ -866,7 +875,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
             scheduler.step()
             step += 1
             if step % config.logging_steps == 0 or step == config.max_steps:
-                lr = optimizer.param_groups[0]["lr"]
+                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]  # the base rate
                 accelerator.print(f"step {step}/{config.max_steps}  loss {running_loss / running_count:.4f}  "
                                   f"lr {lr:.3g}  ({time.time() - started:.0f} s)")  # fmt: skip
                 accelerator.log({"train/loss": running_loss / running_count, "train/lr": lr}, step=step)
@@ -998,7 +1007,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                        ("--label-smoothing", float), ("--mixup-alpha", float), ("--mixup-prob", float),
                        ("--freq-mask-ratio", float), ("--time-mask-ratio", float), ("--samples-per-epoch", int),
                        ("--eval-steps", int), ("--eval-batch-size", int), ("--seed", int), ("--num-workers", int),
-                       ("--logging-steps", int), ("--lora-r", int), ("--lora-alpha", int), ("--lora-dropout", float)):  # fmt: skip
+                       ("--logging-steps", int), ("--lora-r", int), ("--lora-alpha", int), ("--lora-dropout", float),
+                       ("--lora-plus-ratio", float)):  # fmt: skip
         group.add_argument(flag, type=kind, default=S)
     group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=S)
     group.add_argument("--loss", choices=LOSSES, default=S, help="auto: ce for single-label, bce for multi-label")
