@@ -41,7 +41,7 @@ def test_cross_validated_probe_separates_signal_from_noise(convergence):
     separable = (centres[labels] + rng.normal(size=(120, 8))).astype(np.float32)
     result = convergence.cross_validated_probe(separable, labels, 3)
     assert result["cv_accuracy"] > 0.9 and result["cv_clips"] == 120 and result["cv_folds"] == 5
-    assert result["cv_weight_decay"] in convergence.CV_WEIGHT_DECAYS
+    assert result["cv_weight_decay"] in convergence.PROBE_WEIGHT_DECAYS
 
     noise = rng.normal(size=(120, 8)).astype(np.float32)  # no relation to the labels: near chance (1/3)
     assert convergence.cross_validated_probe(noise, labels, 3)["cv_accuracy"] < 0.55

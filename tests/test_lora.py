@@ -102,6 +102,8 @@ def test_add_lora_rejects_unknown_modules():
     model = CATForAudioClassification(CATConfig.from_preset("cat-tiny", num_hidden_layers=1, num_labels=2))
     with pytest.raises(ValueError, match="not Linear layers"):
         add_lora(model, LoraSettings(target_modules=["query"]))
+    with pytest.raises(ValueError, match="functional GEMMs"):  # a Linear, but the stem never calls its forward
+        add_lora(model, LoraSettings(target_modules=["q_proj", "token_proj"]))
     with pytest.raises(ValueError, match="modules_to_save"):
         add_lora(model, LoraSettings(modules_to_save=["head"]))
     with pytest.raises(ValueError, match="modules_to_save"):

@@ -5,8 +5,9 @@ Defaults (`LoraSettings`): rank 8, alpha 16, dropout 0.1 on the attention query 
 `classifier`, which are new for every label set - is trained in full through PEFT's `modules_to_save`. The LoRA
 weights are 0.3 % of cat-base; with a 527-class AudioSet head 0.76 % of the parameters train (cat-tiny, 10 classes:
 1.1 %). `modules_to_save` may also name nested modules by their last name parts, as PEFT matches them: adding
-`norm1` and `norm2` tunes the LayerNorms of every block (transformer and stem) as well (+0.2 % of cat-tiny; `--lora-modules-to-save` of
-`cat-hf finetune`).
+`norm1` and `norm2` tunes the LayerNorms of every block (transformer and stem) as well (+0.2 % of cat-tiny;
+`--lora-modules-to-save` of `cat-hf finetune`). LoRA itself wraps only the transformer blocks' Linear layers: the
+stem computes its projections functionally, so `add_lora` refuses stem targets instead of silently ignoring them.
 
 PEFT has no audio-classification `TaskType`, so the model is wrapped as a plain `PeftModel` (no `task_type`): its
 forward passes every argument through to `CATForAudioClassification.forward(input_values, attention_mask, labels,
@@ -101,12 +102,17 @@ def add_lora(model: CATForAudioClassification, settings: LoraSettings | None = N
     pretrained folder it should later be rebuilt from.
     """
     settings = settings or LoraSettings()
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    missing = [name for name in settings.target_modules if name not in linear_names]
+    # The stem runs its projections as functional GEMMs on the weights (modeling_cat.pointwise), not through the
+    # modules' forward, so a LoRA wrapper there would silently do nothing: only the blocks' Linear layers qualify.
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    adaptable = {name.rsplit(".", 1)[-1] for name in linears if ".embeddings." not in f".{name}"}
+    missing = [name for name in settings.target_modules if name not in adaptable]
     if missing:
         raise ValueError(
-            f"LoRA target_modules {missing} are not Linear layers of {type(model).__name__}; CAT's are "
-            f"{sorted(linear_names)} (attention: q_proj, k_proj, v_proj, o_proj; MLP: fc1, fc2)."
+            f"LoRA target_modules {missing} are not Linear layers of {type(model).__name__}'s transformer blocks; "
+            f"choose from {sorted(adaptable)} (attention: q_proj, k_proj, v_proj, o_proj; MLP: fc1, fc2). The stem's "
+            "projections (token_proj, the CBlock convolutions) run as functional GEMMs that LoRA cannot wrap: to "
+            "adapt the stem, add its modules to modules_to_save (trained in full) instead."
         )
     module_names = [name for name, _ in model.named_modules() if name]
     unknown = [target for target in settings.modules_to_save
