@@ -507,6 +507,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json", content_length: int | None = None) -> None:
         self._status = status
+        self._record()  # before the client can read the answer: a test may inspect `requests` right after it
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
@@ -534,6 +535,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._status = 0
         self._step: str | None = None
+        self._recorded = False
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         try:
@@ -549,8 +551,13 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         except Exception as e:  # a server bug: answer 500 so the test sees it, and keep serving
             self._json({"error": f"test hub server error: {type(e).__name__}: {e}"}, 500)
         finally:
+            self._record()  # requests that never got an answer (a dropped connection)
+
+    def _record(self) -> None:
+        if not self._recorded:
+            self._recorded = True
             with self.hub._lock:
-                self.hub.requests.append(RecordedRequest(method, self.path, self._status, self._step))
+                self.hub.requests.append(RecordedRequest(self.command, self.path, self._status, self._step))
 
     def _authenticate(self) -> User | None:
         auth = self.headers.get("Authorization")
