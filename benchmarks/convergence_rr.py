@@ -640,17 +640,16 @@ def cross_validated_probe(features: np.ndarray, labels: np.ndarray, num_classes:
     (standardised with that fold's training statistics); the L2 penalty with the best pooled accuracy is reported,
     the same rule for every student."""
     fold_of = stratified_folds(labels, folds)
-    by_decay = {}
-    for decay in PROBE_WEIGHT_DECAYS:
-        correct = 0
-        for fold in range(folds):
-            train, held_out = fold_of != fold, fold_of == fold
-            mean, std = features[train].mean(0), features[train].std(0) + 1e-6
-            weight, bias = fit_linear_probe(((features[train] - mean) / std).astype(np.float64), labels[train],
-                                            num_classes, decay)  # fmt: skip
-            logits = torch.from_numpy(((features[held_out] - mean) / std).astype(np.float64)) @ weight + bias
-            correct += int((logits.argmax(1).numpy() == labels[held_out]).sum())
-        by_decay[decay] = correct / len(labels)
+    correct = dict.fromkeys(PROBE_WEIGHT_DECAYS, 0)
+    for fold in range(folds):
+        train, held_out = fold_of != fold, fold_of == fold
+        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
+        x_train = ((features[train] - mean) / std).astype(np.float64)
+        x_held_out = torch.from_numpy(((features[held_out] - mean) / std).astype(np.float64))
+        for decay in PROBE_WEIGHT_DECAYS:
+            weight, bias = fit_linear_probe(x_train, labels[train], num_classes, decay)
+            correct[decay] += int(((x_held_out @ weight + bias).argmax(1).numpy() == labels[held_out]).sum())
+    by_decay = {decay: count / len(labels) for decay, count in correct.items()}
     best = max(by_decay, key=lambda decay: (by_decay[decay], -decay))
     return {"cv_accuracy": by_decay[best], "cv_weight_decay": best, "cv_folds": folds, "cv_clips": len(labels),
             "cv_tried": {str(decay): accuracy for decay, accuracy in by_decay.items()}}  # fmt: skip
