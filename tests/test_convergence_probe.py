@@ -3,23 +3,14 @@ the experiment scores every clip once, keeps classes balanced across folds, and 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def convergence():
-    spec = importlib.util.spec_from_file_location("cat_hf_bench_convergence", REPO_ROOT / "benchmarks" / "convergence_rr.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("convergence_rr")
 
 
 def test_folds_cover_every_clip_once_and_balance_the_classes(convergence):

@@ -8,7 +8,6 @@ packages nor the synthesizer; the real packages are exercised by `python benchma
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import stat
@@ -19,19 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from benchmark_modules import load_benchmark
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_corpora():
-    spec = importlib.util.spec_from_file_location("cat_hf_bench_corpora", REPO_ROOT / "benchmarks" / "corpora.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-corpora = _load_corpora()
+corpora = load_benchmark("corpora")
 
 LANGUAGES = {"en": "en_US_f_Test", "fr": "fr_CA_f_Test", "it": "it_IT_m_Test"}
 
