@@ -184,6 +184,44 @@ def test_chunk_sizes_and_functional_api_agree():
     assert torch.all(fbank[2, 1:] == 0.0)  # raw padding value
 
 
+def test_kept_work_buffers_carry_nothing_between_calls_or_threads():
+    """CPU work buffers are kept per thread between calls: what one call leaves in them never reaches the next,
+    whatever lengths came before (long, packed short clips, one frame), and concurrent threads never share them."""
+    import threading
+
+    long_clips = [_clip(1.6, 5), _clip(1.2, 6)]  # split into pieces
+    short_clips = [_clip(0.3, 7), _clip(0.1, 8), np.zeros(400, dtype=np.float32) + 0.5, _clip(0.2, 9)]  # packed
+
+    def features(clips: list[np.ndarray], chunk_frames: int = 96) -> torch.Tensor:
+        extractor = CATFeatureExtractor(max_length=160, chunk_frames=chunk_frames)
+        return extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+
+    first_long, first_short = features(long_clips), features(short_clips)
+    assert torch.equal(features(long_clips), first_long)
+    assert torch.equal(features(short_clips), first_short)
+    assert torch.equal(features(short_clips[::-1]), first_short.flip(0))
+    # Other buffer geometries in between (a smaller and a larger chunk size, more than the four sets kept).
+    for chunk_frames in (40, 400, 41, 42, 43, 96):
+        torch.testing.assert_close(features(long_clips, chunk_frames), first_long, atol=1e-5, rtol=0)
+    assert torch.equal(features(long_clips), first_long)
+
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def worker(index: int) -> None:
+        results[index] = [features(long_clips if (index + k) % 2 else short_clips) for k in range(6)]
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, outputs in results.items():
+        for k, out in enumerate(outputs):
+            expected = first_long if (index + k) % 2 else first_short
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)  # other threads may use other thread counts
+    assert len(results) == 3
+
+
 def test_huge_finite_samples_are_accepted():
     """A float32 clip sum can overflow without any NaN/Inf sample: the mean is then taken in float64."""
     extractor = CATFeatureExtractor(max_length=16)
