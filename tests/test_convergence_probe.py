@@ -36,3 +36,23 @@ def test_cross_validated_probe_separates_signal_from_noise(convergence):
 
     noise = rng.normal(size=(120, 8)).astype(np.float32)  # no relation to the labels: near chance (1/3)
     assert convergence.cross_validated_probe(noise, labels, 3)["cv_accuracy"] < 0.55
+
+
+def test_stored_settings_take_more_probe_corpora_but_refuse_other_changes(convergence, tmp_path):
+    corpora = tmp_path / "corpora"
+    for name in ("pretrain-mix", "instruments", "spoken-language"):
+        (corpora / name).mkdir(parents=True)
+        (corpora / name / "corpus.json").write_text("{}")
+    given = {name: None for name in convergence.SETTING_FLAGS}
+    first = convergence.resolve_settings(tmp_path / "exp", {**given, "corpora_root": str(corpora), "steps": 10,
+                                                            "warmup_steps": 1, "checkpoints": [5, 10],
+                                                            "probe_corpora": ["instruments"]})
+    assert first.probe_corpora == ["instruments"]
+    # Probing another corpus adds results without touching what was computed: the stored list grows.
+    more = convergence.resolve_settings(tmp_path / "exp", {**given, "probe_corpora": ["spoken-language", "instruments"]})
+    assert more.probe_corpora == ["instruments", "spoken-language"]
+    assert convergence.resolve_settings(tmp_path / "exp", given).probe_corpora == ["instruments", "spoken-language"]
+    # Dropping a corpus or changing what the pretraining depends on is refused.
+    for change in ({"probe_corpora": ["instruments"]}, {"steps": 20}):
+        with pytest.raises(convergence.ExperimentError, match="other settings"):
+            convergence.resolve_settings(tmp_path / "exp", {**given, **change})
