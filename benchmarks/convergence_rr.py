@@ -186,16 +186,17 @@ def resolve_settings(output_dir: Path, given: Mapping[str, Any]) -> Settings:
     path = output_dir / SETTINGS_FILE
     if path.is_file():
         stored = Settings.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        added = [name for name in given.get("probe_corpora") or [] if name not in stored.probe_corpora]
-        if added and set(stored.probe_corpora) <= set(given["probe_corpora"]):
+        wanted = given.get("probe_corpora")
+        if wanted is not None and set(stored.probe_corpora) <= set(wanted):
             # More probe corpora only add results: nothing computed so far depends on the list.
-            stored.probe_corpora = [*stored.probe_corpora, *added]
-            stored.validate()
-            atomic_write_text(path, json.dumps(dataclasses.asdict(stored), indent=2) + "\n")
-            print(f"[settings] probe corpora extended by {added}")
+            added = [name for name in wanted if name not in stored.probe_corpora]
+            if added:
+                stored.probe_corpora = [*stored.probe_corpora, *added]
+                stored.validate()
+                atomic_write_text(path, json.dumps(dataclasses.asdict(stored), indent=2) + "\n")
+                print(f"[settings] probe corpora extended by {added}")
+            given = {**given, "probe_corpora": None}
         conflicts = {k: (getattr(stored, k), v) for k, v in given.items() if v is not None and getattr(stored, k) != v}
-        if "probe_corpora" in conflicts and set(stored.probe_corpora) == set(given["probe_corpora"]):
-            del conflicts["probe_corpora"]  # the same corpora in another order
         if conflicts:
             listed = ", ".join(f"{k}: stored {old!r}, given {new!r}" for k, (old, new) in conflicts.items())
             raise ExperimentError(
