@@ -179,6 +179,10 @@ class Settings:
 EMA_SETTINGS = ("ema_decay", "ema_end_decay", "ema_anneal_end_step")
 
 
+def _store_settings(path: Path, settings: Settings) -> None:
+    atomic_write_text(path, json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+
+
 def resolve_settings(output_dir: Path, given: Mapping[str, Any]) -> Settings:
     """The stored settings, or new ones from the command line; explicit flags that contradict a stored setting are
     refused (a finished part computed with other settings must not be mixed in), except `--probe-corpora` naming
@@ -193,7 +197,7 @@ def resolve_settings(output_dir: Path, given: Mapping[str, Any]) -> Settings:
             if added:
                 stored.probe_corpora = [*stored.probe_corpora, *added]
                 stored.validate()
-                atomic_write_text(path, json.dumps(dataclasses.asdict(stored), indent=2) + "\n")
+                _store_settings(path, stored)
                 print(f"[settings] probe corpora extended by {added}")
             given = {**given, "probe_corpora": None}
         conflicts = {k: (getattr(stored, k), v) for k, v in given.items() if v is not None and getattr(stored, k) != v}
@@ -207,7 +211,7 @@ def resolve_settings(output_dir: Path, given: Mapping[str, Any]) -> Settings:
     settings = Settings(**{k: v for k, v in given.items() if v is not None})
     settings.validate()
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+    _store_settings(path, settings)
     return settings
 
 
