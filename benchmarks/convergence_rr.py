@@ -2,12 +2,12 @@
 
 Two pretraining runs on `pretrain-mix` (see corpora.py) that differ only in RR: same preset, seed, data order,
 masks, schedule and number of steps; one regresses the student's CLS onto the embeddings of a frozen, genuinely
-pretrained encoder (aisfx, rr_encoders.py; `rr_loss_weight` 1.0), the other has no RR. The student is exported at
-log-spaced steps (plus one third of the run, the goal's mark) and probed: a logistic regression on frozen pooled
-features (CLS token and mean of the patch tokens) of the `instruments` corpus, and optionally `spoken-language`,
-scored by 5-fold cross-validation over all clips of the corpus (the headline; the fixed test split of 66
-clips is too small to rank checkpoints) and, alongside, trained on the fixed train split with the weight decay
-chosen on the validation split and scored on the test split.
+pretrained encoder (`--rr-teacher`: aisfx, a sound-effect CNN, or Resemblyzer, a speaker encoder; rr_encoders.py),
+the other has no RR. The student is exported at log-spaced steps (plus one third of the run, the goal's mark) and
+probed: a logistic regression on frozen pooled features (CLS token and mean of the patch tokens) of the
+`instruments` corpus, and optionally `spoken-language`, scored by 5-fold cross-validation over all clips of the
+corpus (the headline; the fixed test split of 66 clips is too small to rank checkpoints) and, alongside, trained on
+the fixed train split with the weight decay chosen on the validation split and scored on the test split.
 Nothing the teacher or the students saw carries the probe's labels.
 
 The goal (the RR issue): RR reaches the final probe accuracy of the run without RR in at most a third of the steps.
@@ -15,7 +15,7 @@ The goal (the RR issue): RR reaches the final probe accuracy of the run without 
 Stages, each resumable (finished parts are skipped, partial ones continue) and bounded by `--time-budget` seconds,
 so the experiment runs in pieces of a few minutes:
 
-    embed     aisfx embeddings of the pretraining clips, once (cat_hf.embed cache, one shard at a time)
+    embed     the teacher's embeddings of the pretraining clips, once (cat_hf.embed cache, one shard at a time)
     pretrain  both runs in segments (`stop_at_step` + resume), interleaved checkpoint by checkpoint; the student is
               exported to `students/<run>/step-XXXXXXX` at each checkpoint (step 0 = the shared initialisation)
     probe     pooled features of every exported student (cached as .npz) and the linear probes (probes.json)
@@ -25,7 +25,7 @@ so the experiment runs in pieces of a few minutes:
     python benchmarks/convergence_rr.py all --output-dir runs/convergence-rr --time-budget 540
 
 Output folder: `experiment.json` (the settings, written first; a later call with other settings is refused),
-`rr-cache-aisfx/`, `runs/{no-rr,rr}/` (pretraining outputs, checkpoints, metrics.jsonl), `students/`,
+`rr-cache-<teacher>/`, `runs/{no-rr,rr}/` (pretraining outputs, checkpoints, metrics.jsonl), `students/`,
 `features/<corpus>/<run>/step-XXXXXXX.npz`, `probes.json`, `report.md`, `convergence.png`. Every file is written
 under a temporary name and renamed.
 """
@@ -54,9 +54,18 @@ import torch.nn.functional as F
 from cat_hf.files import atomic_write_bytes, atomic_write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
-#: The frozen RR teacher: aisfx through the Python-callable encoder interface (absolute, so any cwd works).
-AISFX_SPEC = f"python:{BENCHMARKS_DIR / 'rr_encoders.py'}:AisfxEncoder"
-AISFX_DIM = 512
+#: The frozen RR teachers of rr_encoders.py, used through the Python-callable encoder interface: class name,
+#: embedding size (checked against the encoder when the RR run starts) and how the report names it.
+RR_TEACHERS = {
+    "aisfx": ("AisfxEncoder", 512, "aisfx 0.1.2 (sound-effect CNN)"),
+    "resemblyzer": ("ResemblyzerEncoder", 256, "Resemblyzer 0.1.4 (speaker encoder)"),
+}
+
+
+def teacher_spec(teacher: str) -> str:
+    """The encoder spec of an RR teacher (an absolute path, so any working directory works)."""
+    return f"python:{BENCHMARKS_DIR / 'rr_encoders.py'}:{RR_TEACHERS[teacher][0]}"
+
 RUNS = ("no-rr", "rr")
 POOLINGS = ("cls", "mean")
 SPLITS = ("train", "validation", "test")
@@ -89,7 +98,7 @@ DEFAULT_PROBE_SECONDS_PER_CLIP = 0.06
 DEFAULT_PROBE_FIT_SECONDS = 60.0
 #: Losses stored with a student: the mean of the records logged in its last LOSS_WINDOW_STEPS steps.
 LOSS_WINDOW_STEPS = 100
-#: Seconds per clip assumed for aisfx embeddings before a shard has been timed (README: 120-220 ms).
+#: Seconds per clip assumed for teacher embeddings before a shard has been timed (README: 120-220 ms).
 DEFAULT_EMBED_SECONDS_PER_CLIP = 0.25
 
 
@@ -139,6 +148,7 @@ class Settings:
     probe_corpora: list[str] = field(default_factory=lambda: ["instruments", "spoken-language"])
     probe_max_clips: int | None = None  # per split (smoke tests); None = all
     probe_max_windows: int = 4  # windows of the student's input length averaged per clip
+    rr_teacher: str = "aisfx"  # a key of RR_TEACHERS
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -153,6 +163,8 @@ class Settings:
                 f"--checkpoints {self.checkpoints} must be steps between 1 and --steps {self.steps} and end at it; "
                 f"e.g. {','.join(map(str, default_checkpoints(self.steps)))}."
             )
+        if self.rr_teacher not in RR_TEACHERS:
+            raise ExperimentError(f"Unknown --rr-teacher {self.rr_teacher!r}; use one of {sorted(RR_TEACHERS)}.")
         unknown = sorted(set(self.probe_corpora) - set(PROBE_CORPORA))
         if unknown:
             raise ExperimentError(f"Unknown probe corpora {unknown}; use some of {list(PROBE_CORPORA)}.")
@@ -277,7 +289,7 @@ class Experiment:
     def __init__(self, output_dir: Path, settings: Settings):
         self.root = output_dir
         self.settings = settings
-        self.rr_cache = output_dir / "rr-cache-aisfx"
+        self.rr_cache = output_dir / f"rr-cache-{settings.rr_teacher}"
 
     @property
     def pretrain_data(self) -> str:
@@ -319,7 +331,7 @@ class Experiment:
             "warmup_steps": s.warmup_steps,
             "seed": s.seed,
             "model.preset": s.preset,
-            "model.rr_embedding_dim": AISFX_DIM,
+            "model.rr_embedding_dim": RR_TEACHERS[s.rr_teacher][1],
             "model.rr_loss_weight": s.rr_loss_weight,
             "model.rr_loss_type": s.rr_loss_type,
             **{f"model.{name}": getattr(s, name) for name in EMA_SETTINGS if getattr(s, name) is not None},
@@ -346,8 +358,8 @@ def cache_state(folder: Path) -> dict[str, Any] | None:
 
 
 def run_embed(exp: Experiment, budget: Budget) -> bool:
-    """Fill the aisfx embedding cache of the pretraining clips, one shard per call of `embed_corpus`, while the
-    budget lasts. Returns whether the cache is complete."""
+    """Fill the RR teacher's embedding cache of the pretraining clips, one shard per call of `embed_corpus`, while
+    the budget lasts. Returns whether the cache is complete."""
     from cat_hf.embed import embed_corpus
 
     s = exp.settings
@@ -372,8 +384,8 @@ def run_embed(exp: Experiment, budget: Budget) -> bool:
                   f"{estimate:.0f} s); run the same command again to continue.")
             return False
         start = time.perf_counter()
-        report = embed_corpus(exp.pretrain_data, AISFX_SPEC, exp.rr_cache, shard_size=shard_size, device="cpu",
-                              max_seconds=s.embed_max_seconds, max_shards=1, progress=False)
+        report = embed_corpus(exp.pretrain_data, teacher_spec(s.rr_teacher), exp.rr_cache, shard_size=shard_size,
+                              device="cpu", max_seconds=s.embed_max_seconds, max_shards=1, progress=False)
         seconds = time.perf_counter() - start
         if report.shards_computed:
             clips = min(shard_size, report.num_examples)
@@ -483,8 +495,8 @@ def advance_run(exp: Experiment, run: str, target: int, budget: Budget) -> bool:
     if run == "rr":
         index = cache_state(exp.rr_cache)
         if not (index and index.get("complete")):
-            raise ExperimentError(f"The RR run needs the complete aisfx cache {exp.rr_cache}; run the embed stage "
-                                  "first (python benchmarks/convergence_rr.py embed ...).")  # fmt: skip
+            raise ExperimentError(f"The RR run needs the complete {exp.settings.rr_teacher} cache {exp.rr_cache}; run "
+                                  "the embed stage first (python benchmarks/convergence_rr.py embed ...).")  # fmt: skip
     while True:
         current, checkpoint = latest_checkpoint(exp, run)
         if current == target and checkpoint is not None:
@@ -824,7 +836,7 @@ def write_report(exp: Experiment) -> str:
             f"({'all' if s.pretrain_clips is None else s.pretrain_clips} training clips), batch {s.batch_size}, "
             f"lr {s.learning_rate:g} (warm-up {s.warmup_steps}, cosine), EMA teacher decay {model['ema_decay']:g} "
             f"rising to {model['ema_end_decay']:g} by step {model['ema_anneal_end_step']}, seed {s.seed}; "
-            "RR: aisfx 0.1.2 embeddings "
+            f"RR: {RR_TEACHERS[s.rr_teacher][2]} embeddings "
             f"(frozen, pretrained), {s.rr_loss_type} weight {s.rr_loss_weight:g}. Linear probe: logistic regression "
             f"on frozen pooled features. Judged on its {METRIC_NAMES[HEADLINE_METRIC]} (L2 chosen by that accuracy); "
             "the accuracy on the fixed test split (L2 chosen on validation) is shown alongside."
@@ -925,7 +937,7 @@ def plot(exp: Experiment, summary: Mapping[str, Any]) -> None:
         axis.set_title(corpus_name)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, handlelength=3.5)
-    figure.suptitle(f"{exp.settings.preset}: RR (aisfx) vs no RR, same seed and steps")
+    figure.suptitle(f"{exp.settings.preset}: RR ({exp.settings.rr_teacher}) vs no RR, same seed and steps")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
@@ -964,6 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-3)")
     group.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 300)")
     group.add_argument("--seed", type=int, help="seed of both runs (default 1)")
+    group.add_argument("--rr-teacher", choices=sorted(RR_TEACHERS), help="frozen RR teacher (default aisfx)")
     group.add_argument("--rr-loss-weight", type=float, help="RR weight of the RR run (default 1.0)")
     group.add_argument("--rr-loss-type", choices=("mse", "cosine", "l1"), help="RR loss of the RR run (default mse)")
     group.add_argument("--ema-decay", type=float, help="EMA teacher decay at the start (default: recipe's 0.99)")
@@ -978,9 +991,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SETTING_FLAGS = ("corpora_root", "pretrain_clips", "preset", "steps", "checkpoints", "batch_size", "learning_rate",
-                 "warmup_steps", "seed", "rr_loss_weight", "rr_loss_type", *EMA_SETTINGS, "probe_corpora",
-                 "probe_max_clips", "probe_max_windows")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -990,7 +1000,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # no weight loading / writing bars for every student
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = {name: getattr(args, name) for name in SETTING_FLAGS}
+    # every setting that has a flag (the others keep their defaults)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
     if given["steps"] is not None and given["warmup_steps"] is None and not (args.output_dir / SETTINGS_FILE).is_file():
         given["warmup_steps"] = given["steps"] // 10
     try:

@@ -1,4 +1,5 @@
-"""A genuinely pretrained, frozen external encoder for Representation Regularization (RR), usable offline.
+"""Genuinely pretrained, frozen external encoders for Representation Regularization (RR), usable offline: aisfx
+(sound effects, below) and Resemblyzer (speakers, further down; `ResemblyzerEncoder`).
 
 `aisfx` 0.1.2 (PyPI; Ma & Lerch, ISMIR 2022) ships the weights of a 9-layer VGG-style CNN trained on nine
 sound-effect libraries (`aisfx/models/checkpoint.pth`, 4.7 M parameters in the embedding network plus 1.5 M in
@@ -143,7 +144,39 @@ def mel_filterbank(
     return (weights / sums).astype(np.float32)
 
 
-class AisfxEmbedder(torch.nn.Module):
+class FrozenSpectrogramNetwork(torch.nn.Module):
+    """A frozen network behind its own STFT front end: holds the analysis window and the mel weights (as buffers, so
+    `.to(device)` moves them), stays in eval mode without gradients, and turns a batch of clips into 1-D tensors."""
+
+    def __init__(self, window: torch.Tensor, mel_weights: np.ndarray):
+        super().__init__()
+        self.register_buffer("window", window, persistent=False)
+        self.register_buffer("mel_weights", torch.from_numpy(mel_weights), persistent=False)
+
+    def freeze(self) -> None:
+        """Eval mode, no gradients; call at the end of a subclass's `__init__`, once its network exists."""
+        self.eval()
+        self.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.window.device
+
+    def waveforms(self, clips: Sequence[np.ndarray] | Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+        """Each clip as a 1-D float32 tensor on the network's device; a clear error for anything else."""
+        if isinstance(clips, torch.Tensor) and clips.ndim == 1:
+            raise ValueError(f"{type(self).__name__} takes a batch of clips; wrap a single clip in a list.")
+        tensors = []
+        for clip in clips:
+            waveform = torch.as_tensor(np.asarray(clip, dtype=np.float32) if not isinstance(clip, torch.Tensor)
+                                       else clip, dtype=torch.float32)  # fmt: skip
+            if waveform.ndim != 1 or waveform.numel() == 0:
+                raise ValueError(f"Each clip must be a non-empty 1-D waveform, got shape {tuple(waveform.shape)}.")
+            tensors.append(waveform.to(self.device))
+        return tensors
+
+
+class AisfxEmbedder(FrozenSpectrogramNetwork):
     """aisfx's pretrained embedding network behind our own mel front end: clips at 44.1 kHz -> (B, 512).
 
     Call it with a list of 1-D float arrays (or a (B, N) tensor of equal-length clips) sampled at 44.1 kHz;
@@ -158,8 +191,8 @@ class AisfxEmbedder(torch.nn.Module):
         pretrained: bool = True,
         peak_normalize: bool = True,
     ):
-        super().__init__()
         _aisfx_folder()  # a clear error before importing the package
+        super().__init__(torch.hann_window(AISFX_FRAME_LENGTH, periodic=False), mel_filterbank())
         # the package's own network definition (it imports only torch)
         from aisfx.models.cnn2d import EmbeddingNet
 
@@ -168,14 +201,7 @@ class AisfxEmbedder(torch.nn.Module):
             self.network.load_state_dict(load_aisfx_state_dict(checkpoint))
         self.max_blocks_per_batch = int(max_blocks_per_batch)
         self.peak_normalize = bool(peak_normalize)
-        self.register_buffer("window", torch.hann_window(AISFX_FRAME_LENGTH, periodic=False), persistent=False)
-        self.register_buffer("mel_weights", torch.from_numpy(mel_filterbank()), persistent=False)
-        self.eval()
-        self.requires_grad_(False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.window.device
+        self.freeze()
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         """(N,) 44.1 kHz samples -> (frames, 96) scaled log-mel frames, as the network was trained on."""
@@ -201,15 +227,7 @@ class AisfxEmbedder(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, clips: Sequence[np.ndarray] | Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        if isinstance(clips, torch.Tensor) and clips.ndim == 1:
-            raise ValueError("AisfxEmbedder takes a batch of clips; wrap a single clip in a list.")
-        per_clip = []
-        for clip in clips:
-            waveform = torch.as_tensor(np.asarray(clip, dtype=np.float32) if not isinstance(clip, torch.Tensor)
-                                       else clip, dtype=torch.float32)  # fmt: skip
-            if waveform.ndim != 1 or waveform.numel() == 0:
-                raise ValueError(f"Each clip must be a non-empty 1-D waveform, got shape {tuple(waveform.shape)}.")
-            per_clip.append(self.blocks(waveform.to(self.device)))
+        per_clip = [self.blocks(waveform) for waveform in self.waveforms(clips)]
         counts = [b.shape[0] for b in per_clip]
         blocks = torch.cat(per_clip)
         outputs = [self.network(chunk) for chunk in blocks.split(self.max_blocks_per_batch)]
@@ -243,6 +261,140 @@ class AisfxEncoder(CallableEncoder):
 def aisfx_encoder(device: str | torch.device = "cpu", **kwargs: Any) -> AisfxEncoder:
     """The pretrained aisfx encoder on `device`, ready to give RR targets (512-d)."""
     return AisfxEncoder(**kwargs).to(device)
+
+
+# ================================================================================================================
+# Resemblyzer: a pretrained speaker encoder
+# ================================================================================================================
+
+#: Resemblyzer 0.1.4 (PyPI; the GE2E speaker encoder of Real-Time-Voice-Cloning, trained on LibriSpeech, VoxCeleb
+#: 1 and 2): its hyper-parameters (resemblyzer/hparams.py) and the defaults of `VoiceEncoder.embed_utterance`.
+RESEMBLYZER_VERSION = "0.1.4"
+RESEMBLYZER_SAMPLING_RATE = 16000
+RESEMBLYZER_FRAME_LENGTH = 400  # 25 ms
+RESEMBLYZER_HOP_LENGTH = 160  # 10 ms
+RESEMBLYZER_MEL_BANDS = 40
+RESEMBLYZER_HIDDEN_SIZE = 256
+RESEMBLYZER_LAYERS = 3
+RESEMBLYZER_EMBEDDING_DIM = 256
+RESEMBLYZER_PARTIAL_FRAMES = 160  # 1.6 s windows ("partial utterances")
+RESEMBLYZER_PARTIALS_PER_SECOND = 1.3
+RESEMBLYZER_MIN_COVERAGE = 0.75  # a last, zero-padded window is kept if at least this share of it is audio
+RESEMBLYZER_TARGET_DBFS = -30.0  # quiet clips are raised to this RMS level (louder ones are left alone)
+
+
+def resemblyzer_checkpoint_path() -> Path:
+    """The weights file shipped inside the Resemblyzer wheel (the package itself is not imported: it needs librosa)."""
+    spec = importlib.util.find_spec("resemblyzer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("The Resemblyzer package is not installed; install it without touching torch: "
+                          f"pip install --no-deps Resemblyzer=={RESEMBLYZER_VERSION}")  # fmt: skip
+    path = Path(next(iter(spec.submodule_search_locations))) / "pretrained.pt"
+    if not path.is_file():
+        raise ImportError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall "
+                          f"Resemblyzer=={RESEMBLYZER_VERSION}")  # fmt: skip
+    return path
+
+
+def slaney_mel_filterbank(
+    num_bands: int = RESEMBLYZER_MEL_BANDS,
+    n_fft: int = RESEMBLYZER_FRAME_LENGTH,
+    sampling_rate: int = RESEMBLYZER_SAMPLING_RATE,
+) -> np.ndarray:
+    """(n_fft // 2 + 1, num_bands) triangles on the Slaney mel scale (linear below 1 kHz, logarithmic above), each
+    scaled to unit area ("slaney" norm) between 0 Hz and Nyquist: the filters librosa's `melspectrogram` uses by
+    default, which is what Resemblyzer's network was trained on."""
+    f_sp, break_hz = 200.0 / 3.0, 1000.0  # mels per Hz below the break; the break between the two parts
+    break_mel, log_step = break_hz / f_sp, math.log(6.4) / 27.0
+
+    def to_mel(hz: np.ndarray) -> np.ndarray:
+        hz = np.asarray(hz, dtype=np.float64)
+        return np.where(hz < break_hz, hz / f_sp, break_mel + np.log(np.maximum(hz, 1e-10) / break_hz) / log_step)
+
+    def to_hz(mel: np.ndarray) -> np.ndarray:
+        return np.where(mel < break_mel, mel * f_sp, break_hz * np.exp(log_step * (mel - break_mel)))
+
+    edges = to_hz(np.linspace(0.0, float(to_mel(sampling_rate / 2.0)), num_bands + 2))
+    bins = np.linspace(0.0, sampling_rate / 2.0, n_fft // 2 + 1)
+    rising = (bins[None, :] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
+    falling = (edges[2:, None] - bins[None, :]) / (edges[2:] - edges[1:-1])[:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.T.astype(np.float32)
+
+
+class ResemblyzerEmbedder(FrozenSpectrogramNetwork):
+    """Resemblyzer's pretrained speaker network behind our own front end: 16 kHz clips -> (B, 256) unit vectors.
+
+    Per clip, as `VoiceEncoder.embed_utterance` does: raise quiet clips to -30 dBFS, mel power spectrogram
+    (25 ms Hann frames, 10 ms hop, centred with reflect padding, 40 Slaney mel bands, no log), 1.6 s windows
+    every 1/1.3 s (the clip zero-padded to cover the last one), the 3-layer LSTM's last hidden state -> linear ->
+    ReLU -> L2 norm per window, and the L2-normalised mean over windows. Not done: the package's voice-activity
+    trimming of long silences (it needs webrtcvad and only shortens pauses; our clips are short prompts and
+    sounds). All windows of a batch run through the LSTM together.
+    """
+
+    def __init__(self, checkpoint: str | Path | None = None, pretrained: bool = True):
+        super().__init__(torch.hann_window(RESEMBLYZER_FRAME_LENGTH, periodic=True), slaney_mel_filterbank())
+        self.lstm = torch.nn.LSTM(RESEMBLYZER_MEL_BANDS, RESEMBLYZER_HIDDEN_SIZE, RESEMBLYZER_LAYERS,
+                                  batch_first=True)  # fmt: skip
+        self.linear = torch.nn.Linear(RESEMBLYZER_HIDDEN_SIZE, RESEMBLYZER_EMBEDDING_DIM)
+        if pretrained:
+            path = Path(checkpoint) if checkpoint is not None else resemblyzer_checkpoint_path()
+            state = torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+            # similarity_weight / similarity_bias only scale the training loss (GE2E); they are not part of the encoder
+            self.load_state_dict({k: v for k, v in state.items() if not k.startswith("similarity_")})
+        self.freeze()
+
+    def windows(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(N,) samples -> (num_windows, 160, 40) mel power frames of the 1.6 s windows of one clip."""
+        rms = waveform.square().mean().sqrt()
+        target_rms = 10.0 ** (RESEMBLYZER_TARGET_DBFS / 20.0)
+        if 0 < rms < target_rms:
+            waveform = waveform * (target_rms / rms)
+        hop, frames = RESEMBLYZER_HOP_LENGTH, RESEMBLYZER_PARTIAL_FRAMES
+        total_frames = -(-(waveform.numel() + 1) // hop)
+        step = round(RESEMBLYZER_SAMPLING_RATE / RESEMBLYZER_PARTIALS_PER_SECOND / hop)
+        starts = list(range(0, max(1, total_frames - frames + step + 1), step))
+        covered = (waveform.numel() - starts[-1] * hop) / (frames * hop)
+        if covered < RESEMBLYZER_MIN_COVERAGE and len(starts) > 1:
+            starts.pop()
+        padded_length = (starts[-1] + frames) * hop
+        if padded_length > waveform.numel():
+            waveform = torch.nn.functional.pad(waveform, (0, padded_length - waveform.numel()))
+        spectrum = torch.stft(
+            waveform, n_fft=RESEMBLYZER_FRAME_LENGTH, hop_length=hop, window=self.window, center=True,
+            pad_mode="reflect", return_complex=True,
+        )  # fmt: skip
+        mel = (spectrum.real.square() + spectrum.imag.square()).transpose(0, 1) @ self.mel_weights  # (frames, 40)
+        return torch.stack([mel[start : start + frames] for start in starts])
+
+    @torch.no_grad()
+    def forward(self, clips: Sequence[np.ndarray] | Sequence[torch.Tensor]) -> torch.Tensor:
+        per_clip = [self.windows(waveform) for waveform in self.waveforms(clips)]
+        _, (hidden, _) = self.lstm(torch.cat(per_clip))
+        partial = torch.nn.functional.normalize(torch.relu(self.linear(hidden[-1])), dim=1)
+        counts = [w.shape[0] for w in per_clip]
+        return torch.stack([torch.nn.functional.normalize(p.mean(dim=0), dim=0) for p in partial.split(counts)])
+
+
+class ResemblyzerEncoder(CallableEncoder):
+    """Resemblyzer's speaker encoder as a frozen RR teacher: 16 kHz clips -> (B, 256).
+
+    Spec form: `python:benchmarks/rr_encoders.py:ResemblyzerEncoder` (options `?checkpoint=PATH`,
+    `?pretrained=false` for the randomly initialised control).
+    """
+
+    def __init__(self, checkpoint: str | None = None, pretrained: bool = True):
+        name = f"resemblyzer-{RESEMBLYZER_VERSION}" + ("" if pretrained else "-random-init")
+        super().__init__(ResemblyzerEmbedder(checkpoint, pretrained=pretrained), RESEMBLYZER_EMBEDDING_DIM,
+                         RESEMBLYZER_SAMPLING_RATE, name=name, input_format="list")  # fmt: skip
+
+
+#: The pretrained encoders of this module, by the name the scripts use: (factory, embedding size).
+ENCODERS: dict[str, tuple[type[CallableEncoder], int]] = {
+    "aisfx": (AisfxEncoder, AISFX_EMBEDDING_DIM),
+    "resemblyzer": (ResemblyzerEncoder, RESEMBLYZER_EMBEDDING_DIM),
+}
 
 
 # ================================================================================================================
@@ -298,13 +450,13 @@ def _check(args: argparse.Namespace) -> int:
     import soundfile as sf
 
     results: dict[str, Any] = {}
-    encoders = {"pretrained": aisfx_encoder(args.device)}
+    factory = ENCODERS[args.encoder][0]
+    encoders = {"pretrained": factory().to(args.device)}
     if args.random_control:
         torch.manual_seed(0)
-        encoders["random-init control"] = aisfx_encoder(args.device, pretrained=False)
+        encoders["random-init control"] = factory(pretrained=False).to(args.device)
     pretrained = encoders["pretrained"]
-    print(f"{pretrained!r}; embedding network parameters: "
-          f"{sum(p.numel() for p in pretrained.fn.network.parameters()) / 1e6:.2f} M")  # fmt: skip
+    print(f"{pretrained!r}; network parameters: {sum(p.numel() for p in pretrained.fn.parameters()) / 1e6:.2f} M")
     for corpus_name in args.corpora:
         corpus = Path(args.root) / corpus_name
         rows = [row for split in args.split for row in _read_split(corpus, split)]
@@ -353,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="External encoders for Representation Regularization.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="embed corpus clips; print shapes, timing and class similarity structure")
+    check.add_argument("--encoder", choices=sorted(ENCODERS), default="aisfx", help="which pretrained encoder")
     check.add_argument("--root", default="/work/corpora", help="root given to benchmarks/corpora.py build")
     check.add_argument("--corpora", nargs="+", default=["instruments"], help="built labelled corpora to probe")
     check.add_argument("--split", nargs="+", default=["train", "validation", "test"], help="splits to sample from")

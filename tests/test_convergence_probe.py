@@ -3,6 +3,8 @@ the experiment scores every clip once, keeps classes balanced across folds, and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from benchmark_modules import load_benchmark
@@ -43,7 +45,7 @@ def test_stored_settings_take_more_probe_corpora_but_refuse_other_changes(conver
     for name in ("pretrain-mix", "instruments", "spoken-language"):
         (corpora / name).mkdir(parents=True)
         (corpora / name / "corpus.json").write_text("{}")
-    given = {name: None for name in convergence.SETTING_FLAGS}
+    given = {field.name: None for field in dataclasses.fields(convergence.Settings)}
     first = convergence.resolve_settings(tmp_path / "exp", {**given, "corpora_root": str(corpora), "steps": 10,
                                                             "warmup_steps": 1, "checkpoints": [5, 10],
                                                             "probe_corpora": ["instruments"]})
