@@ -98,7 +98,7 @@ DEFAULT_PROBE_SECONDS_PER_CLIP = 0.06
 DEFAULT_PROBE_FIT_SECONDS = 60.0
 #: Losses stored with a student: the mean of the records logged in its last LOSS_WINDOW_STEPS steps.
 LOSS_WINDOW_STEPS = 100
-#: Seconds per clip assumed for teacher embeddings before a shard has been timed (README: 120-220 ms).
+#: Seconds per clip assumed for teacher embeddings before a shard is timed (aisfx, the slower: 120-220 ms).
 DEFAULT_EMBED_SECONDS_PER_CLIP = 0.25
 
 
@@ -989,8 +989,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--probe-max-clips", type=int, help="at most this many clips per split (smoke tests)")
     group.add_argument("--probe-max-windows", type=int, help="windows averaged per long clip (default 4)")
     return parser
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
