@@ -54,17 +54,22 @@ import torch.nn.functional as F
 from cat_hf.files import atomic_write_bytes, atomic_write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
-#: The frozen RR teachers of rr_encoders.py, used through the Python-callable encoder interface: class name,
-#: embedding size (checked against the encoder when the RR run starts) and how the report names it.
-RR_TEACHERS = {
-    "aisfx": ("AisfxEncoder", 512, "aisfx 0.1.2 (sound-effect CNN)"),
-    "resemblyzer": ("ResemblyzerEncoder", 256, "Resemblyzer 0.1.4 (speaker encoder)"),
-}
+#: The module of the frozen RR teachers (used through the Python-callable encoder interface; absolute, so any working
+#: directory works).
+RR_ENCODERS_FILE = BENCHMARKS_DIR / "rr_encoders.py"
+
+
+def rr_teachers() -> dict[str, tuple[Any, int, str]]:
+    """`ENCODERS` of rr_encoders.py: name -> (encoder class, embedding size, description), loaded by path by the same
+    loader as the encoder specs, so the RR run and this table use one module."""
+    from cat_hf.external_encoders import _import_target
+
+    return _import_target(f"{RR_ENCODERS_FILE}:ENCODERS")
 
 
 def teacher_spec(teacher: str) -> str:
-    """The encoder spec of an RR teacher (an absolute path, so any working directory works)."""
-    return f"python:{BENCHMARKS_DIR / 'rr_encoders.py'}:{RR_TEACHERS[teacher][0]}"
+    """The encoder spec of an RR teacher."""
+    return f"python:{RR_ENCODERS_FILE}:{rr_teachers()[teacher][0].__name__}"
 
 RUNS = ("no-rr", "rr")
 POOLINGS = ("cls", "mean")
@@ -148,7 +153,7 @@ class Settings:
     probe_corpora: list[str] = field(default_factory=lambda: ["instruments", "spoken-language"])
     probe_max_clips: int | None = None  # per split (smoke tests); None = all
     probe_max_windows: int = 4  # windows of the student's input length averaged per clip
-    rr_teacher: str = "aisfx"  # a key of RR_TEACHERS
+    rr_teacher: str = "aisfx"  # a key of rr_teachers()
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -163,8 +168,8 @@ class Settings:
                 f"--checkpoints {self.checkpoints} must be steps between 1 and --steps {self.steps} and end at it; "
                 f"e.g. {','.join(map(str, default_checkpoints(self.steps)))}."
             )
-        if self.rr_teacher not in RR_TEACHERS:
-            raise ExperimentError(f"Unknown --rr-teacher {self.rr_teacher!r}; use one of {sorted(RR_TEACHERS)}.")
+        if self.rr_teacher not in rr_teachers():
+            raise ExperimentError(f"Unknown --rr-teacher {self.rr_teacher!r}; use one of {sorted(rr_teachers())}.")
         unknown = sorted(set(self.probe_corpora) - set(PROBE_CORPORA))
         if unknown:
             raise ExperimentError(f"Unknown probe corpora {unknown}; use some of {list(PROBE_CORPORA)}.")
@@ -331,7 +336,7 @@ class Experiment:
             "warmup_steps": s.warmup_steps,
             "seed": s.seed,
             "model.preset": s.preset,
-            "model.rr_embedding_dim": RR_TEACHERS[s.rr_teacher][1],
+            "model.rr_embedding_dim": rr_teachers()[s.rr_teacher][1],
             "model.rr_loss_weight": s.rr_loss_weight,
             "model.rr_loss_type": s.rr_loss_type,
             **{f"model.{name}": getattr(s, name) for name in EMA_SETTINGS if getattr(s, name) is not None},
@@ -836,7 +841,7 @@ def write_report(exp: Experiment) -> str:
             f"({'all' if s.pretrain_clips is None else s.pretrain_clips} training clips), batch {s.batch_size}, "
             f"lr {s.learning_rate:g} (warm-up {s.warmup_steps}, cosine), EMA teacher decay {model['ema_decay']:g} "
             f"rising to {model['ema_end_decay']:g} by step {model['ema_anneal_end_step']}, seed {s.seed}; "
-            f"RR: {RR_TEACHERS[s.rr_teacher][2]} embeddings "
+            f"RR: {rr_teachers()[s.rr_teacher][2]} embeddings "
             f"(frozen, pretrained), {s.rr_loss_type} weight {s.rr_loss_weight:g}. Linear probe: logistic regression "
             f"on frozen pooled features. Judged on its {METRIC_NAMES[HEADLINE_METRIC]} (L2 chosen by that accuracy); "
             "the accuracy on the fixed test split (L2 chosen on validation) is shown alongside."
@@ -976,7 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-3)")
     group.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 300)")
     group.add_argument("--seed", type=int, help="seed of both runs (default 1)")
-    group.add_argument("--rr-teacher", choices=sorted(RR_TEACHERS), help="frozen RR teacher (default aisfx)")
+    group.add_argument("--rr-teacher", choices=sorted(rr_teachers()), help="frozen RR teacher (default aisfx)")
     group.add_argument("--rr-loss-weight", type=float, help="RR weight of the RR run (default 1.0)")
     group.add_argument("--rr-loss-type", choices=("mse", "cosine", "l1"), help="RR loss of the RR run (default mse)")
     group.add_argument("--ema-decay", type=float, help="EMA teacher decay at the start (default: recipe's 0.99)")

@@ -390,10 +390,12 @@ class ResemblyzerEncoder(CallableEncoder):
                          RESEMBLYZER_SAMPLING_RATE, name=name, input_format="list")  # fmt: skip
 
 
-#: The pretrained encoders of this module, by the name the scripts use: (factory, embedding size).
-ENCODERS: dict[str, tuple[type[CallableEncoder], int]] = {
-    "aisfx": (AisfxEncoder, AISFX_EMBEDDING_DIM),
-    "resemblyzer": (ResemblyzerEncoder, RESEMBLYZER_EMBEDDING_DIM),
+#: The pretrained encoders of this module, by the name the scripts use: (factory, embedding size, description).
+ENCODERS: dict[str, tuple[type[CallableEncoder], int, str]] = {
+    "aisfx": (AisfxEncoder, AISFX_EMBEDDING_DIM, f"aisfx {AISFX_VERSION} (sound-effect CNN)"),
+    "resemblyzer": (
+        ResemblyzerEncoder, RESEMBLYZER_EMBEDDING_DIM, f"Resemblyzer {RESEMBLYZER_VERSION} (speaker encoder)"
+    ),
 }
 
 

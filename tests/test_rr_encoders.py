@@ -53,10 +53,12 @@ def test_resemblyzer_embeddings_are_unit_vectors_independent_of_the_batch(encode
         teacher.fn([np.zeros((2, 100), np.float32)])
 
 
-def test_the_convergence_experiment_names_the_teachers_as_rr_encoders_defines_them(encoders):
+def test_the_convergence_experiment_takes_its_teachers_from_rr_encoders(encoders):
     convergence = load_benchmark("convergence_rr")
-    assert set(convergence.RR_TEACHERS) == set(encoders.ENCODERS)
-    for name, (class_name, dim, _) in convergence.RR_TEACHERS.items():
-        factory, encoder_dim = encoders.ENCODERS[name]
-        assert factory.__name__ == class_name and encoder_dim == dim
-        assert convergence.teacher_spec(name).endswith(f"rr_encoders.py:{class_name}")
+    teachers = convergence.rr_teachers()
+    assert set(teachers) == set(encoders.ENCODERS) == {"aisfx", "resemblyzer"}
+    for name, (factory, dim, description) in teachers.items():
+        expected_factory, expected_dim, expected_description = encoders.ENCODERS[name]
+        assert (factory.__name__, dim, description) == (expected_factory.__name__, expected_dim, expected_description)
+        assert convergence.teacher_spec(name).endswith(f"rr_encoders.py:{factory.__name__}")
+    assert teachers["resemblyzer"][1] == 256 and teachers["aisfx"][1] == 512
