@@ -118,7 +118,8 @@ def finetuning_checkpoint(classifier, labels: list[str], *, esc50: bool = False,
     pretrain_cfg = {"model": model_cfg(config, add_conv=config.stem_type == "multires")}
     cfg = {"model": {"_name": "mae_image_classification", "num_classes": len(labels), "prediction_mode":
                      "CLS_TOKEN" if config.pooling == "cls" else "MEAN_POOLING", "use_fc_norm": True,
-                     "drop_path_rate": 0.1, "esc50_eval": esc50, "target_length": target_length,
+                     "drop_path_rate": 0.1, "audio_mae": True, "esc50_eval": esc50, "target_length": target_length,
+                     "linear_layer": 0,
                      "pretrained_model_args": copy.deepcopy(pretrain_cfg)},
            "task": {"_name": "mae_image_classification", "target_length": target_length, "esc50_eval": esc50}}
     return {"args": None, "cfg": cfg, "model": state, "task_state": {"labels": {n: str(i) for i, n in enumerate(labels)}}}

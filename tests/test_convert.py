@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoFeatureExtractor, AutoModel, AutoModelForAudioClassification
@@ -140,3 +142,126 @@ def test_refuses_to_overwrite(tmp_path, pretrain_checkpoint):
     with pytest.raises(FileExistsError, match="not empty"):
         convert_checkpoint(pretrain_checkpoint, target)
     assert (target / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Variants of the authors' checkpoints beyond the fixture
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_numpy_values_saved_by_the_trainer_are_read(tmp_path):
+    """fairseq stores validation metrics (the best mAP is a numpy float64) next to the weights."""
+    from cat_hf.convert import _numpy_data_global
+
+    model = small_pretraining_model("patch")
+    checkpoint = pretraining_checkpoint(model)
+    checkpoint["extra_state"] = {"val_loss": np.float64(0.412), "best": np.float32(0.4), "epoch": np.int64(7),
+                                 "history": np.arange(3.0), "ok": np.bool_(True)}
+    checkpoint["optimizer_history"] = [{"lr_scheduler_state": {"best": np.float64(0.412)}, "num_updates": 100}]
+    torch.save(checkpoint, tmp_path / "with_numpy.pt")
+    out = convert_checkpoint(tmp_path / "with_numpy.pt", tmp_path / "out")
+    assert isinstance(AutoModel.from_pretrained(out), CATModel)
+    # numpy 1.x pickles its scalars under numpy.core, numpy 2.x under numpy._core: both names resolve.
+    assert _numpy_data_global("numpy.core.multiarray.scalar") is _numpy_data_global("numpy._core.multiarray.scalar")
+    assert _numpy_data_global("numpy.dtypes.Float64DType") is type(np.dtype("float64"))
+    assert _numpy_data_global("os.system") is None and _numpy_data_global("numpy.load") is None
+
+
+def test_objects_that_are_not_data_are_refused_by_name(tmp_path):
+    checkpoint = pretraining_checkpoint(small_pretraining_model("patch"))
+    checkpoint["args"] = argparse.Namespace(arch="cat")
+    checkpoint["extra_state"] = {"val_loss": np.float64(0.4)}
+    torch.save(checkpoint, tmp_path / "namespace.pt")
+    with pytest.raises(CheckpointConversionError, match=r"refuses to unpickle: \['argparse.Namespace'\]"):
+        convert_checkpoint(tmp_path / "namespace.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_of_ema_encoder_only_runs_on_the_student_embeddings(tmp_path):
+    """ema_encoder_only: `_ema` holds the transformer blocks only ('0.norm1.weight', ...)."""
+    model = fp16_rounded(small_pretraining_model("multires", seed=3))
+    checkpoint = pretraining_checkpoint(model)
+    checkpoint["model"]["_ema"] = {k[len("blocks."):]: v for k, v in checkpoint["model"]["_ema"].items()
+                                   if k.startswith("blocks.")}
+    checkpoint["cfg"]["model"]["ema_encoder_only"] = True
+    torch.save(checkpoint, tmp_path / "encoder_only.pt")
+    converted = CATForPreTraining.from_pretrained(convert_checkpoint(tmp_path / "encoder_only.pt", tmp_path / "a"))
+    teacher = AutoModel.from_pretrained(convert_checkpoint(tmp_path / "encoder_only.pt", tmp_path / "b", teacher=True))
+    for name, value in teacher.state_dict().items():
+        source = model.cat if name.startswith("embeddings.") else model.teacher
+        assert torch.equal(value, source.state_dict()[name]), name
+        assert torch.equal(value, converted.teacher.state_dict()[name]), name
+    # Missing block weights are not filled in from the student.
+    del checkpoint["model"]["_ema"]["1.mlp.fc1.weight"]
+    torch.save(checkpoint, tmp_path / "incomplete.pt")
+    with pytest.raises(CheckpointConversionError, match=r"layers\.1\.mlp\.fc1\.weight"):
+        convert_checkpoint(tmp_path / "incomplete.pt", tmp_path / "c")
+
+
+def _finetuned(tmp_path, *, norm_eps: float = 1e-6, **model_overrides):
+    torch.manual_seed(4)
+    config = CATConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, stem_type="patch",
+                       max_time_patches=64, num_labels=3, decoder_groups=8, layer_norm_eps=norm_eps)
+    classifier = fp16_rounded(CATForAudioClassification(config).eval())
+    checkpoint = finetuning_checkpoint(classifier, ["a", "b", "c"])
+    checkpoint["cfg"]["model"].update(model_overrides)
+    path = tmp_path / f"finetuned-{len(list(tmp_path.iterdir()))}.pt"
+    torch.save(checkpoint, path)
+    return classifier, checkpoint, path
+
+
+def test_problem_type_follows_the_original_loss(tmp_path):
+    """Multi-label (sigmoid) only where the original trains with BCE: audio_mae without esc50/spcv2."""
+    expected = {(True, False): "multi_label_classification", (False, False): "single_label_classification",
+                (True, True): "single_label_classification"}
+    for (audio_mae, spcv2), problem_type in expected.items():
+        _, _, path = _finetuned(tmp_path, audio_mae=audio_mae, spcv2_eval=spcv2)
+        out = convert_checkpoint(path, tmp_path / f"out-{audio_mae}-{spcv2}")
+        assert CATConfig.from_pretrained(out).problem_type == problem_type
+
+
+def test_fc_norm_eps_is_fixed_like_the_original(tmp_path):
+    """The original's fc_norm always has eps 1e-6, whatever norm_eps the blocks use."""
+    classifier, _, path = _finetuned(tmp_path, norm_eps=1e-5)
+    converted = AutoModelForAudioClassification.from_pretrained(convert_checkpoint(path, tmp_path / "out")).eval()
+    assert converted.cat.layers[0].norm1.eps == 1e-5 and converted.fc_norm.eps == 1e-6
+    x = torch.randn(2, 256, 128)
+    with torch.no_grad():
+        features = converted.cat(x).pooler_output
+        expected = converted.classifier(torch.nn.functional.layer_norm(
+            features, (96,), converted.fc_norm.weight, converted.fc_norm.bias, eps=1e-6))
+        assert torch.allclose(converted(x).logits, expected, atol=1e-6)
+        assert torch.allclose(features, classifier.cat(x).pooler_output, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"linear_layer": 1}, "linear_layer=1"),
+     ({"pretrained_model_args": {"model": {"add_bottleneck": True, "bottleneck_dim": 64}}}, "add_bottleneck"),
+     ({"pretrained_model_args": {"model": {"clap_loss_type": "ce"}}}, "clap_loss_type='ce'")],
+)
+def test_unsupported_variants_are_named(tmp_path, overrides, message):
+    _, checkpoint, path = _finetuned(tmp_path)
+    if "pretrained_model_args" in overrides:
+        checkpoint["cfg"]["model"]["pretrained_model_args"]["model"].update(overrides["pretrained_model_args"]["model"])
+    else:
+        checkpoint["cfg"]["model"].update(overrides)
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointConversionError, match=message):
+        convert_checkpoint(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_that_are_not_indices_are_reported(tmp_path):
+    _, checkpoint, path = _finetuned(tmp_path)
+    checkpoint["task_state"] = {"labels": {"index": "mid", "a": "0", "b": "1"}}
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointConversionError, match="must map names to class indices"):
+        convert_checkpoint(path, tmp_path / "out")
+
+
+def test_average_top_k_beyond_depth_means_all_blocks(tmp_path):
+    checkpoint = pretraining_checkpoint(small_pretraining_model("patch"))
+    checkpoint["cfg"]["model"]["average_top_k_layers"] = 8  # the model has 3 blocks
+    torch.save(checkpoint, tmp_path / "topk.pt")
+    assert CATConfig.from_pretrained(convert_checkpoint(tmp_path / "topk.pt", tmp_path / "out")).average_top_k_layers == 3

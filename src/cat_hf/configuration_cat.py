@@ -50,7 +50,8 @@ class CATConfig(PreTrainedConfig):
         num_hidden_layers: number of post-LN transformer blocks.
         num_attention_heads: attention heads; must divide `hidden_size`.
         mlp_ratio: MLP width of the blocks as a multiple of `hidden_size`.
-        layer_norm_eps: eps of the context LayerNorm, the blocks and the classifier's fc_norm (1e-6).
+        layer_norm_eps: eps of the context LayerNorm and the blocks (1e-6).
+        classifier_norm_eps: eps of the classifier's fc_norm (1e-6; the original fixes it whatever `norm_eps`).
         stem_layer_norm_eps: eps of every LayerNorm in the convolutional stem, the decoder and the target
             normalisation (1e-5, PyTorch's default, as in the original).
         stem_type: "multires" (the paper's multi-resolution convolutional stem) or "patch" (the EAT-style single
@@ -105,6 +106,7 @@ class CATConfig(PreTrainedConfig):
     max_time_patches: int = 768
     pooling: Literal["cls", "mean"] = "cls"
     use_fc_norm: bool = True
+    classifier_norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0

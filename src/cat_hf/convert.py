@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers.utils import logging
 
 from .configuration_cat import CATConfig
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .modeling_cat import CATForAudioClassification, CATForPreTraining, CATModel
+
+logger = logging.get_logger(__name__)
 
 
 class CheckpointConversionError(ValueError):
@@ -66,8 +71,10 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointConversionError(f"{path} does not exist or is not a file.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing here
+        checkpoint = _load_weights_only(path)
+    except CheckpointConversionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any other unpickling failure means the same thing here
         raise CheckpointConversionError(
             f"{path} is not a checkpoint torch.load(weights_only=True) can read ({type(error).__name__}: {error}). "
             "Pass the .pt file written by the authors' fairseq trainer."
@@ -80,6 +87,46 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(checkpoint["cfg"], dict) or "model" not in checkpoint["cfg"]:
         raise CheckpointConversionError(f"{path}: checkpoint['cfg'] has no 'model' section; cannot infer the config.")
     return checkpoint
+
+
+def _numpy_data_global(name: str):
+    """The numpy scalar, array or dtype constructor pickled under `name`, or None for anything else.
+
+    fairseq stores validation metrics (e.g. the best mAP, a numpy float64) next to the weights. These are data, so
+    they may be unpickled under weights_only; numpy 1.x pickles them under `numpy.core`, numpy 2.x under
+    `numpy._core`, and either name is resolved to the installed numpy.
+    """
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    module, _, attribute = name.rpartition(".")
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and attribute in ("scalar", "_reconstruct"):
+        return getattr(multiarray, attribute)
+    if name in ("numpy.ndarray", "numpy.dtype"):
+        return getattr(np, attribute)
+    if module == "numpy.dtypes":
+        candidate = getattr(np.dtypes, attribute, None)
+        return candidate if isinstance(candidate, type) and issubclass(candidate, np.dtype) else None
+    return None
+
+
+def _load_weights_only(path: Path) -> dict:
+    """torch.load(weights_only=True), also accepting the numpy scalars and arrays that fairseq's trainer saves."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        blocked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        refused = [name for name in blocked if _numpy_data_global(name) is None]
+        if refused or not blocked:
+            raise CheckpointConversionError(
+                f"{path} holds objects that torch.load(weights_only=True) refuses to unpickle: {refused or blocked}. "
+                "A checkpoint written by the authors' fairseq trainer holds only tensors, numbers, strings and numpy "
+                "values; load this file yourself (only if you trust it), keep its 'cfg', 'model' and 'task_state' "
+                "entries and torch.save them again."
+            ) from None
+        # The dtype classes (numpy.dtypes.Float64DType, ...) are only met while unpickling, so all are allowed.
+        dtype_classes = [f"numpy.dtypes.{name}" for name in dir(np.dtypes) if name.endswith("DType")]
+        allowed = {name: _numpy_data_global(name) for name in [*blocked, *dtype_classes]}
+        with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items() if obj is not None]):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _checkpoint_kind(checkpoint: dict) -> str:
@@ -112,6 +159,22 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         raise CheckpointConversionError("layer_norm_first=true (pre-LN) checkpoints are not CAT/EAT; not supported.")
     if model_cfg.get("loss_beta", 0.0):
         raise CheckpointConversionError(f"loss_beta={model_cfg['loss_beta']} (smooth L1) is not supported.")
+    if str(model_cfg.get("clap_loss_type", "mse")) not in ("mse", "cosine", "l1"):
+        raise CheckpointConversionError(
+            f"clap_loss_type={model_cfg['clap_loss_type']!r}: this Representation Regularization loss is not "
+            "implemented here (mse, cosine, l1 are)."
+        )
+    ignored = {name: model_cfg[name] for name in ("clap_loss_layer", "dispersive_loss") if model_cfg.get(name)}
+    if ignored:
+        logger.warning(
+            f"{ignored}: pretraining losses that cat_hf does not implement. The encoder and teacher are converted "
+            "exactly; continued pretraining applies RR to the final CLS token and no dispersive loss."
+        )
+    if model_cfg.get("add_bottleneck", False):
+        raise CheckpointConversionError(
+            f"add_bottleneck=true (a {model_cfg.get('bottleneck_dim')}-d linear bottleneck before the transformer "
+            "blocks) is not part of CAT's architecture here; this converter does not support it."
+        )
 
     hidden = int(model_cfg["embed_dim"])
     fields = dict(
@@ -130,7 +193,9 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         decoder_layers=int(decoder.get("decoder_layers", 6)),
         decoder_kernel_size=int(decoder.get("decoder_kernel", 3)),
         decoder_groups=int(decoder.get("decoder_groups", 16)),
-        average_top_k_layers=int(model_cfg.get("average_top_k_layers") or model_cfg["depth"]),
+        # The original averages y[-k:], which is every block when k exceeds the depth.
+        average_top_k_layers=min(int(model_cfg.get("average_top_k_layers") or model_cfg["depth"]),
+                                 int(model_cfg["depth"])),
         instance_norm_target_layer=bool(model_cfg.get("instance_norm_target_layer", True)),
         layer_norm_targets=bool(model_cfg.get("layer_norm_targets", True)),
         frame_loss_weight=float(model_cfg.get("d2v_loss", 1.0)),
@@ -178,20 +243,22 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         mode = str(ft.get("prediction_mode", "CLS_TOKEN")).split(".")[-1]
         if mode not in ("CLS_TOKEN", "MEAN_POOLING"):
             raise CheckpointConversionError(f"prediction_mode {mode} is not supported (CLS_TOKEN or MEAN_POOLING).")
-        labels = (checkpoint.get("task_state") or {}).get("labels") or {}
+        if int(ft.get("linear_layer") or 0) != 0:
+            raise CheckpointConversionError(
+                f"linear_layer={ft['linear_layer']}: this classifier reads block {ft['linear_layer']}'s MLP output "
+                "instead of the last block's; only linear_layer=0 (the last block) is supported."
+            )
         num_classes = int(ft["num_classes"])
-        id2label = {int(index): str(name) for name, index in labels.items()} if labels else {
-            i: f"LABEL_{i}" for i in range(num_classes)}
-        if sorted(id2label) != list(range(num_classes)):
-            raise CheckpointConversionError(f"task_state labels do not cover classes 0..{num_classes - 1}.")
-        single = bool(ft.get("esc50_eval") or ft.get("spcv2_eval"))
+        id2label = _labels(checkpoint, num_classes)
+        # The original trains with softmax cross-entropy unless audio_mae is set without esc50_eval/spcv2_eval.
+        multi_label = bool(ft.get("audio_mae")) and not (ft.get("esc50_eval") or ft.get("spcv2_eval"))
         fields.update(
             pooling="cls" if mode == "CLS_TOKEN" else "mean",
             use_fc_norm=bool(ft.get("use_fc_norm", True)),
             drop_path_rate=float(ft.get("drop_path_rate", 0.0)),
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
-            problem_type="single_label_classification" if single else "multi_label_classification",
+            problem_type="multi_label_classification" if multi_label else "single_label_classification",
         )
     try:
         return CATConfig(**fields)
@@ -199,12 +266,32 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         raise CheckpointConversionError(f"the checkpoint's architecture is inconsistent: {error}") from error
 
 
+def _labels(checkpoint: dict, num_classes: int) -> dict[int, str]:
+    """id2label from the task's label dictionary (name -> index), or LABEL_i where the checkpoint has none."""
+    labels = (checkpoint.get("task_state") or {}).get("labels") or {}
+    if not labels:
+        return {i: f"LABEL_{i}" for i in range(num_classes)}
+    try:
+        id2label = {int(index): str(name) for name, index in labels.items()}
+    except (TypeError, ValueError) as error:
+        raise CheckpointConversionError(
+            f"task_state labels must map names to class indices; found {list(labels.items())[:3]} ({error})."
+        ) from None
+    if sorted(id2label) != list(range(num_classes)):
+        raise CheckpointConversionError(
+            f"task_state labels cover indices {sorted(id2label)[:5]}... ({len(id2label)} labels), not classes "
+            f"0..{num_classes - 1} of the head."
+        )
+    return id2label
+
+
 def feature_extractor_from_checkpoint(checkpoint: dict) -> CATFeatureExtractor:
     """Statistics from the task's dataset flags (ESC-50 / Speech Commands / AudioSet), length from target_length."""
     task = checkpoint["cfg"].get("task") or {}
     model = checkpoint["cfg"].get("model") or {}
-    flag = lambda name: bool(task.get(name) or model.get(name))  # noqa: E731
-    preset = "esc50" if flag("esc50_eval") else "speechcommands" if flag("spcv2_eval") else "audioset"
+    # The dataset (which normalises) reads the task's flags; the model's copy only stands in where the task has none.
+    flag = lambda name: bool(task[name] if name in task else model.get(name))  # noqa: E731
+    preset = "speechcommands" if flag("spcv2_eval") else "esc50" if flag("esc50_eval") else "audioset"
     stats = FEATURE_PRESETS[preset]
     target_length = int(task.get("target_length") or model.get("target_length") or stats["max_length"])
     return CATFeatureExtractor(**{**stats, "max_length": target_length})
@@ -262,6 +349,27 @@ def _reject_leftovers(unused: list[str], allowed: tuple[str, ...], what: str) ->
                                         f"{' ...' if len(leftovers) > 20 else ''}.")
 
 
+def _teacher_state(ema: dict, student: dict) -> dict:
+    """The EMA teacher's CATModel state from `model["_ema"]`, given the student's converted state.
+
+    With ema_encoder_only the original averages only the transformer blocks (saved as ``0.norm1.weight``, ...) and
+    runs them on the student's embeddings; with ema_local_encoder=false the teacher reads the student's stem output.
+    Embedding weights missing from `_ema` are therefore the student's; missing block weights stay an error.
+    """
+    if all(re.match(r"\d+\.", key) for key in ema):
+        ema = {f"blocks.{key}": value for key, value in ema.items()}
+    teacher, unused = encoder_state_dict(ema)
+    _reject_leftovers(unused, (), "EMA teacher")
+    from_student = sorted(k for k in student if k.startswith("embeddings.") and k not in teacher)
+    if from_student:
+        logger.warning(
+            f"The EMA teacher has no {len(from_student)} embedding weights (e.g. {from_student[0]}): the original "
+            "teacher ran on the student's, so they are copied from the student. Continued pretraining with cat_hf "
+            "averages the whole teacher, these parts included."
+        )
+    return {**{k: student[k] for k in from_student}, **teacher}
+
+
 def build_model(checkpoint: dict, *, teacher: bool = False):
     """Our model with the checkpoint's weights: CATForPreTraining (pretraining), CATModel (pretraining, teacher=True)
     or CATForAudioClassification (finetuning)."""
@@ -287,16 +395,14 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
         _load_strict(model, full, "finetuning checkpoint")
         return model.eval()
 
+    encoder, unused = encoder_state_dict(state)
     if teacher:
         if not ema:
             raise CheckpointConversionError("--teacher: this pretraining checkpoint has no EMA teacher (model['_ema']).")
-        encoder, unused = encoder_state_dict(ema)
-        _reject_leftovers(unused, (), "EMA teacher")
         model = CATModel(config)
-        _load_strict(model, encoder, "EMA teacher")
+        _load_strict(model, _teacher_state(ema, encoder), "EMA teacher")
         return model.eval()
 
-    encoder, unused = encoder_state_dict(state)
     full = {f"cat.{k}": v for k, v in encoder.items()}
     leftovers = []
     for key in unused:
@@ -309,9 +415,7 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
             leftovers.append(key)
     _reject_leftovers(leftovers, (), "pretraining checkpoint")
     if ema:
-        teacher_state, teacher_unused = encoder_state_dict(ema)
-        _reject_leftovers(teacher_unused, (), "EMA teacher")
-        full.update({f"teacher.{k}": v for k, v in teacher_state.items()})
+        full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder).items()})
     else:
         full.update({f"teacher.{k[4:]}": v for k, v in list(full.items()) if k.startswith("cat.")})
     model = CATForPreTraining(config)

@@ -675,7 +675,9 @@ class CATForAudioClassification(CATPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cat = CATModel(config)
-        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_fc_norm else nn.Identity()
+        self.fc_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.classifier_norm_eps) if config.use_fc_norm else nn.Identity()
+        )
         self.classifier = CATLinear(config.hidden_size, config.num_labels)
         self.post_init()
 
