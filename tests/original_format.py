@@ -89,7 +89,7 @@ def model_cfg(config, *, add_conv: bool) -> dict:
 def pretraining_checkpoint(model, *, fp16: bool = True) -> dict:
     """A CATForPreTraining in the layout of the authors' trainer: fp16 student + fp32 `_ema` teacher."""
     config = model.config
-    stages = len(config.stem_strides) - 1
+    stages = len(config.stem_strides)  # the token Linear follows the stages in `patch_embed`
     student = encoder_to_original(model.cat.state_dict(), stages)
     for i, conv in enumerate(model.decoder.convs):
         student[f"{ENCODER}decoder.blocks.{i}.0.weight"] = conv.weight.detach()
@@ -109,7 +109,7 @@ def pretraining_checkpoint(model, *, fp16: bool = True) -> dict:
 
 def finetuning_checkpoint(classifier, labels: list[str], *, esc50: bool = False, target_length: int = 512) -> dict:
     config = classifier.config
-    stages = len(config.stem_strides) - 1
+    stages = len(config.stem_strides)  # the token Linear follows the stages in `patch_embed`
     state = {"model." + k: v.half().clone() for k, v in encoder_to_original(classifier.cat.state_dict(), stages).items()}
     state["fc_norm.weight"] = classifier.fc_norm.weight.detach().half().clone()
     state["fc_norm.bias"] = classifier.fc_norm.bias.detach().half().clone()

@@ -18,11 +18,11 @@ from cat_hf.convert import CheckpointConversionError, convert_checkpoint
 from original_format import finetuning_checkpoint, pretraining_checkpoint
 
 
-def small_pretraining_model(stem_type: str, seed: int = 0) -> CATForPreTraining:
+def small_pretraining_model(stem_type: str, seed: int = 0, **stem) -> CATForPreTraining:
     torch.manual_seed(seed)
+    stem = stem or {"stem_channels": [32, 48], "stem_depths": [2, 1]}
     config = CATConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=2, stem_type=stem_type,
-                       stem_channels=[32, 48], stem_depths=[2, 1], max_time_patches=64, decoder_groups=8,
-                       rr_embedding_dim=24)
+                       max_time_patches=64, decoder_groups=8, rr_embedding_dim=24, **stem)
     model = CATForPreTraining(config)
     with torch.no_grad():  # a teacher that differs from the student, as after training
         for p in model.teacher.parameters():
@@ -238,7 +238,8 @@ def test_fc_norm_eps_is_fixed_like_the_original(tmp_path):
     ("overrides", "message"),
     [({"linear_layer": 1}, "linear_layer=1"),
      ({"pretrained_model_args": {"model": {"add_bottleneck": True, "bottleneck_dim": 64}}}, "add_bottleneck"),
-     ({"pretrained_model_args": {"model": {"clap_loss_type": "ce"}}}, "clap_loss_type='ce'")],
+     ({"pretrained_model_args": {"model": {"clap_loss_type": "ce"}}}, "clap_loss_type='ce'"),
+     ({"pretrained_model_args": {"model": {"proj_type": 1}}}, "proj_type=1")],
 )
 def test_unsupported_variants_are_named(tmp_path, overrides, message):
     _, checkpoint, path = _finetuned(tmp_path)
@@ -265,3 +266,14 @@ def test_average_top_k_beyond_depth_means_all_blocks(tmp_path):
     checkpoint["cfg"]["model"]["average_top_k_layers"] = 8  # the model has 3 blocks
     torch.save(checkpoint, tmp_path / "topk.pt")
     assert CATConfig.from_pretrained(convert_checkpoint(tmp_path / "topk.pt", tmp_path / "out")).average_top_k_layers == 3
+
+
+def test_single_stage_convolutional_stem(tmp_path):
+    """The authors' conv_option 1: one stride-16 convolution with its LayerNorm, then the token Linear."""
+    model = fp16_rounded(small_pretraining_model("multires", stem_strides=[16], stem_channels=[], stem_depths=[]))
+    torch.save(pretraining_checkpoint(model), tmp_path / "conv1.pt")
+    converted = CATForPreTraining.from_pretrained(convert_checkpoint(tmp_path / "conv1.pt", tmp_path / "out"))
+    assert (converted.config.stem_type, converted.config.stem_strides) == ("multires", [16])
+    x = torch.randn(1, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(converted.cat(x).last_hidden_state, model.cat(x).last_hidden_state)

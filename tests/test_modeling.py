@@ -363,10 +363,16 @@ def test_pretraining_model_save_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("stem_type", ["multires", "patch"])
-def test_visible_patch_path_equals_dense_masked_stem(stem_type):
+@pytest.mark.parametrize(
+    ("stem_type", "stages"),
+    [("multires", {"stem_depths": [2, 1]}), ("patch", {}),
+     # the authors' conv_option 1 (one strided convolution, LayerNorm, Linear) and 5 (four stages)
+     ("multires", {"stem_strides": [16], "stem_channels": [], "stem_depths": []}),
+     ("multires", {"stem_strides": [2, 2, 2, 2], "stem_channels": [8, 16, 32], "stem_depths": [1, 1, 1]})],
+)
+def test_visible_patch_path_equals_dense_masked_stem(stem_type, stages):
     """The sparse path of pretraining (only kept patches computed) equals the dense stem with the keep map."""
-    model = random_model(stem_type=stem_type, stem_depths=[2, 1])
+    model = random_model(stem_type=stem_type, **stages)
     mask = CATForPreTraining.make_mask(random_model(CATForPreTraining, clone_batch=1), 3, (10, 8),
                                        generator=torch.Generator().manual_seed(0))
     kept = int((mask[0] == 0).sum())

@@ -161,11 +161,8 @@ class CATConfig(PreTrainedConfig):
             )
         if self.stem_type == "multires":
             stages = len(self.stem_strides)
-            if stages < 2:
-                raise ValueError(
-                    f"stem_strides {self.stem_strides} needs at least two stages for the multi-resolution stem; "
-                    "use stem_type='patch' for a single 16x16 patch convolution."
-                )
+            if stages < 1:
+                raise ValueError("stem_strides is empty; give at least one stage (the paper's stem is [4, 2, 2]).")
             if math.prod(self.stem_strides) != self.patch_size:
                 raise ValueError(
                     f"stem_strides {self.stem_strides} multiply to {math.prod(self.stem_strides)}, "

@@ -164,6 +164,11 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
             f"clap_loss_type={model_cfg['clap_loss_type']!r}: this Representation Regularization loss is not "
             "implemented here (mse, cosine, l1 are)."
         )
+    if int(model_cfg.get("proj_type") or 2) % 2 == 1:
+        raise CheckpointConversionError(
+            f"proj_type={model_cfg['proj_type']}: RR projects the external embedding onto the model here; only the "
+            "even proj_types (the model's CLS projected onto the external embedding, as in the paper) are supported."
+        )
     ignored = {name: model_cfg[name] for name in ("clap_loss_layer", "dispersive_loss") if model_cfg.get(name)}
     if ignored:
         logger.warning(
