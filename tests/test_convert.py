@@ -277,3 +277,11 @@ def test_single_stage_convolutional_stem(tmp_path):
     x = torch.randn(1, 128, 128)
     with torch.no_grad():
         assert torch.equal(converted.cat(x).last_hidden_state, model.cat(x).last_hidden_state)
+
+
+def test_rr_settings_of_a_run_without_rr_are_ignored(tmp_path):
+    """The authors' scripts leave clap_loss_type set when clap_loss is 0: nothing to refuse then."""
+    _, checkpoint, path = _finetuned(tmp_path)
+    checkpoint["cfg"]["model"]["pretrained_model_args"]["model"].update(clap_loss=0, clap_loss_type="ce", proj_type=1)
+    torch.save(checkpoint, path)
+    assert CATConfig.from_pretrained(convert_checkpoint(path, tmp_path / "out")).rr_loss_type == "mse"

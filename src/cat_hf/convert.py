@@ -150,36 +150,43 @@ def _pretraining_model_cfg(checkpoint: dict, kind: str) -> dict:
     return cfg
 
 
-def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfig:
-    """Build the CATConfig from the checkpoint's cfg, with the stem read off the weights' shapes."""
-    model_cfg = _pretraining_model_cfg(checkpoint, kind)
-    image = (model_cfg.get("modalities") or {}).get("image") or {}
-    decoder = image.get("decoder") or {}
-    if model_cfg.get("layer_norm_first", False):
-        raise CheckpointConversionError("layer_norm_first=true (pre-LN) checkpoints are not CAT/EAT; not supported.")
-    if model_cfg.get("loss_beta", 0.0):
-        raise CheckpointConversionError(f"loss_beta={model_cfg['loss_beta']} (smooth L1) is not supported.")
-    if str(model_cfg.get("clap_loss_type", "mse")) not in ("mse", "cosine", "l1"):
-        raise CheckpointConversionError(
-            f"clap_loss_type={model_cfg['clap_loss_type']!r}: this Representation Regularization loss is not "
-            "implemented here (mse, cosine, l1 are)."
-        )
-    if int(model_cfg.get("proj_type") or 2) % 2 == 1:
-        raise CheckpointConversionError(
-            f"proj_type={model_cfg['proj_type']}: RR projects the external embedding onto the model here; only the "
-            "even proj_types (the model's CLS projected onto the external embedding, as in the paper) are supported."
-        )
+def _check_supported(model_cfg: dict) -> None:
+    """Refuse, by name, the variants of the original's pretraining model that this package does not implement."""
+    refused = {
+        "layer_norm_first": "pre-LN blocks are not CAT/EAT",
+        "loss_beta": "smooth-L1 targets",
+        "add_bottleneck": f"a {model_cfg.get('bottleneck_dim')}-d linear bottleneck before the transformer blocks",
+    }
+    for name, what in refused.items():
+        if model_cfg.get(name):
+            raise CheckpointConversionError(f"{name}={model_cfg[name]!r} ({what}) is not supported by this converter.")
+    if model_cfg.get("clap_loss"):  # the RR settings only matter where RR was trained
+        if str(model_cfg.get("clap_loss_type", "mse")) not in ("mse", "cosine", "l1"):
+            raise CheckpointConversionError(
+                f"clap_loss_type={model_cfg['clap_loss_type']!r}: this Representation Regularization loss is not "
+                "implemented here (mse, cosine, l1 are)."
+            )
+        if int(model_cfg.get("proj_type") or 2) % 2 == 1:
+            raise CheckpointConversionError(
+                f"proj_type={model_cfg['proj_type']}: RR projects the external embedding onto the model; only the "
+                "even proj_types (the model's CLS projected onto the external embedding, as in the paper) are "
+                "supported."
+            )
     ignored = {name: model_cfg[name] for name in ("clap_loss_layer", "dispersive_loss") if model_cfg.get(name)}
     if ignored:
         logger.warning(
             f"{ignored}: pretraining losses that cat_hf does not implement. The encoder and teacher are converted "
             "exactly; continued pretraining applies RR to the final CLS token and no dispersive loss."
         )
-    if model_cfg.get("add_bottleneck", False):
-        raise CheckpointConversionError(
-            f"add_bottleneck=true (a {model_cfg.get('bottleneck_dim')}-d linear bottleneck before the transformer "
-            "blocks) is not part of CAT's architecture here; this converter does not support it."
-        )
+
+
+def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfig:
+    """Build the CATConfig from the checkpoint's cfg, with the stem read off the weights' shapes."""
+    model_cfg = _pretraining_model_cfg(checkpoint, kind)
+    image = (model_cfg.get("modalities") or {}).get("image") or {}
+    decoder = image.get("decoder") or {}
+    _check_supported(model_cfg)
+    rr_used = bool(model_cfg.get("clap_loss"))
 
     hidden = int(model_cfg["embed_dim"])
     fields = dict(
@@ -206,7 +213,7 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         frame_loss_weight=float(model_cfg.get("d2v_loss", 1.0)),
         utterance_loss_weight=float(model_cfg.get("cls_loss", 1.0)),
         rr_loss_weight=float(model_cfg.get("clap_loss", 0.0)),
-        rr_loss_type=str(model_cfg.get("clap_loss_type", "mse")),
+        rr_loss_type=str(model_cfg.get("clap_loss_type", "mse")) if rr_used else "mse",
         ema_decay=float(model_cfg.get("ema_decay", 0.9998)),
         ema_end_decay=float(model_cfg.get("ema_end_decay", 0.99999)),
         ema_anneal_end_step=int(model_cfg.get("ema_anneal_end_step", 100000)),
@@ -368,7 +375,7 @@ def _teacher_state(ema: dict, student: dict) -> dict:
     from_student = sorted(k for k in student if k.startswith("embeddings.") and k not in teacher)
     if from_student:
         logger.warning(
-            f"The EMA teacher has no {len(from_student)} embedding weights (e.g. {from_student[0]}): the original "
+            f"The EMA teacher lacks {len(from_student)} embedding weights (e.g. {from_student[0]}): the original "
             "teacher ran on the student's, so they are copied from the student. Continued pretraining with cat_hf "
             "averages the whole teacher, these parts included."
         )
