@@ -285,3 +285,20 @@ def test_rr_settings_of_a_run_without_rr_are_ignored(tmp_path):
     checkpoint["cfg"]["model"]["pretrained_model_args"]["model"].update(clap_loss=0, clap_loss_type="ce", proj_type=1)
     torch.save(checkpoint, path)
     assert CATConfig.from_pretrained(convert_checkpoint(path, tmp_path / "out")).rr_loss_type == "mse"
+
+
+def test_four_stage_stem_with_32_frame_patches(tmp_path):
+    """The authors' conv_option 6 (resolutions 4, 8, 16, 32): patches of 32 frames, and the extractor pads to them."""
+    model = fp16_rounded(small_pretraining_model("multires", patch_size=32, stem_strides=[4, 2, 2, 2],
+                                                 stem_channels=[16, 24, 32], stem_depths=[1, 1, 1]))
+    torch.save(pretraining_checkpoint(model), tmp_path / "conv6.pt")
+    out = convert_checkpoint(tmp_path / "conv6.pt", tmp_path / "out")
+    converted = AutoModel.from_pretrained(out)
+    assert (converted.config.patch_size, converted.config.stem_strides) == (32, [4, 2, 2, 2])
+    extractor = AutoFeatureExtractor.from_pretrained(out)
+    features = extractor([np.zeros(16000 * 3, dtype=np.float32)], sampling_rate=16000, padding="longest",
+                         return_tensors="pt")["input_values"]
+    assert features.shape[1] % 32 == 0
+    x = torch.randn(1, 256, 128)
+    with torch.no_grad():
+        assert torch.equal(converted(x).last_hidden_state, model.cat(x).last_hidden_state)

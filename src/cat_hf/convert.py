@@ -297,8 +297,9 @@ def _labels(checkpoint: dict, num_classes: int) -> dict[int, str]:
     return id2label
 
 
-def feature_extractor_from_checkpoint(checkpoint: dict) -> CATFeatureExtractor:
-    """Statistics from the task's dataset flags (ESC-50 / Speech Commands / AudioSet), length from target_length."""
+def feature_extractor_from_checkpoint(checkpoint: dict, patch_size: int = 16) -> CATFeatureExtractor:
+    """Statistics from the task's dataset flags (ESC-50 / Speech Commands / AudioSet), length from target_length,
+    `padding="longest"` rounded to whole patches of the model."""
     task = checkpoint["cfg"].get("task") or {}
     model = checkpoint["cfg"].get("model") or {}
     # The dataset (which normalises) reads the task's flags; the model's copy only stands in where the task has none.
@@ -306,7 +307,7 @@ def feature_extractor_from_checkpoint(checkpoint: dict) -> CATFeatureExtractor:
     preset = "speechcommands" if flag("spcv2_eval") else "esc50" if flag("esc50_eval") else "audioset"
     stats = FEATURE_PRESETS[preset]
     target_length = int(task.get("target_length") or model.get("target_length") or stats["max_length"])
-    return CATFeatureExtractor(**{**stats, "max_length": target_length})
+    return CATFeatureExtractor(**{**stats, "max_length": target_length, "pad_to_multiple_of": patch_size})
 
 
 def _rename(key: str, rules) -> str | None:
@@ -444,7 +445,7 @@ def convert_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.
         raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True.")
     checkpoint = load_original_checkpoint(checkpoint_path)
     model = build_model(checkpoint, teacher=teacher)
-    feature_extractor = feature_extractor_from_checkpoint(checkpoint)
+    feature_extractor = feature_extractor_from_checkpoint(checkpoint, model.config.patch_size)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
