@@ -152,6 +152,9 @@ def _pretraining_model_cfg(checkpoint: dict, kind: str) -> dict:
 
 def _check_supported(model_cfg: dict) -> None:
     """Refuse, by name, the variants of the original's pretraining model that this package does not implement."""
+    missing = [name for name in ("embed_dim", "depth", "num_heads") if name not in model_cfg]
+    if missing:
+        raise CheckpointConversionError(f"the checkpoint's model cfg lacks {missing}; cannot infer the architecture.")
     refused = {
         "layer_norm_first": "pre-LN blocks are not CAT/EAT",
         "loss_beta": "smooth-L1 targets",
@@ -160,6 +163,11 @@ def _check_supported(model_cfg: dict) -> None:
     for name, what in refused.items():
         if model_cfg.get(name):
             raise CheckpointConversionError(f"{name}={model_cfg[name]!r} ({what}) is not supported by this converter.")
+    decoder = ((model_cfg.get("modalities") or {}).get("image") or {}).get("decoder") or {}
+    if decoder.get("decoder_dim", model_cfg["embed_dim"]) != model_cfg["embed_dim"]:
+        raise CheckpointConversionError(
+            f"decoder_dim {decoder['decoder_dim']} != embed_dim {model_cfg['embed_dim']} is not supported."
+        )
     if model_cfg.get("clap_loss"):  # the RR settings only matter where RR was trained
         if str(model_cfg.get("clap_loss_type", "mse")) not in ("mse", "cosine", "l1"):
             raise CheckpointConversionError(
@@ -219,8 +227,6 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         ema_anneal_end_step=int(model_cfg.get("ema_anneal_end_step", 100000)),
         drop_path_rate=float(model_cfg.get("end_drop_path_rate", 0.0)),
     )
-    if decoder.get("decoder_dim", hidden) != hidden:
-        raise CheckpointConversionError(f"decoder_dim {decoder['decoder_dim']} != embed_dim {hidden} is not supported.")
 
     prefix = ("model." if kind == "finetuning" else "") + _ENCODER
     encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
