@@ -312,6 +312,12 @@ def feature_extractor_from_checkpoint(checkpoint: dict, patch_size: int = 16) ->
     flag = lambda name: bool(task[name] if name in task else model.get(name))  # noqa: E731
     preset = "speechcommands" if flag("spcv2_eval") else "esc50" if flag("esc50_eval") else "audioset"
     stats = FEATURE_PRESETS[preset]
+    if task.get("downsr_16hz") is False:
+        logger.warning(
+            "task.downsr_16hz=false: the original computed the fbank at the audio files' own sampling rate (32 kHz "
+            "for the authors' AudioSet copy). The converted extractor works at 16 kHz, like downsr_16hz=true; for "
+            "the other recipe save CATFeatureExtractor(sampling_rate=32000, ...) in the folder instead."
+        )
     target_length = int(task.get("target_length") or model.get("target_length") or stats["max_length"])
     return CATFeatureExtractor(**{**stats, "max_length": target_length, "pad_to_multiple_of": patch_size})
 
