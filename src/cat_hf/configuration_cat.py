@@ -64,7 +64,8 @@ class CATConfig(PreTrainedConfig):
         stem_kernel_size: kernel of the CBlocks' depthwise convolution.
         patch_size: side of the square patches (token grid stride), 16.
         num_mel_bins: frequency bins of the input.
-        num_extra_tokens: learned tokens prepended to the patches (token 0 is the CLS / utterance token).
+        num_extra_tokens: learned tokens prepended to the patches. Classification pools token 0 (CLS); the
+            pretraining utterance and RR losses use the last one (the same token when there is one, as in CAT).
         max_time_patches: time patches covered by the fixed sin-cos positional table (768 -> 12288 frames).
         pooling: "cls" (the original's CLS_TOKEN mode) or "mean" (mean of the patch tokens).
         use_fc_norm: LayerNorm before the classification head.
@@ -179,7 +180,7 @@ class CATConfig(PreTrainedConfig):
                 raise ValueError(f"stem_channels must be positive and stem_depths non-negative, got "
                                  f"{self.stem_channels} and {self.stem_depths}.")
         if self.num_extra_tokens < 1:
-            raise ValueError("num_extra_tokens must be >= 1: token 0 is the CLS (utterance) token.")
+            raise ValueError("num_extra_tokens must be >= 1: the CLS (utterance) token is one of them.")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
         if self.mask_length < 1:

@@ -901,7 +901,7 @@ class CATForPreTraining(CATPreTrainedModel):
         sample_size = int(mask.sum().item())
         masked = mask.bool()
         frame_sum = self._regression(prediction[masked], repeated_targets[masked]).sum()
-        cls = student[:, 0]
+        cls = student[:, c.num_extra_tokens - 1]  # the utterance token: the original's x[:, extra_tokens - 1]
         # The original sums the frame errors and sample_size-scaled CLS / RR errors, then divides everything by
         # sample_size: per-patch mean for the frame loss, plain sums for the clip-level losses.
         frame_loss = frame_sum / sample_size
