@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -396,3 +397,13 @@ def test_pretraining_forward_and_backward_under_bf16_autocast():
     assert torch.isfinite(out.loss)
     assert model.cat.layers[0].mlp.fc1.weight.grad is not None
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_utterance_loss_uses_the_last_extra_token():
+    """The original regresses x[:, extra_tokens - 1] onto the mean target; with two extra tokens that is token 1."""
+    model = random_model(CATForPreTraining, num_extra_tokens=2, clone_batch=2).train()
+    out = model(torch.randn(2, 64, 128), generator=torch.Generator().manual_seed(0))
+    target = out.targets.repeat_interleave(2, dim=0).mean(dim=1)
+    token = lambda i: ((out.student_hidden_state[:, i] - target) ** 2 / math.sqrt(target.shape[-1])).sum()  # noqa: E731
+    assert torch.allclose(out.utterance_loss, token(1), rtol=1e-5)
+    assert not torch.allclose(out.utterance_loss, token(0), rtol=1e-4)
