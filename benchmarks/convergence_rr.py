@@ -45,12 +45,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cat_hf.configuration_cat import RRLossType
 from cat_hf.files import atomic_write_bytes, atomic_write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -983,7 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, help="seed of both runs (default 1)")
     group.add_argument("--rr-teacher", choices=sorted(rr_teachers()), help="frozen RR teacher (default aisfx)")
     group.add_argument("--rr-loss-weight", type=float, help="RR weight of the RR run (default 1.0)")
-    group.add_argument("--rr-loss-type", choices=("mse", "cosine", "l1"), help="RR loss of the RR run (default mse)")
+    group.add_argument("--rr-loss-type", choices=get_args(RRLossType), help="RR loss of the RR run (default mse)")
     group.add_argument("--ema-decay", type=float, help="EMA teacher decay at the start (default: recipe's 0.99)")
     group.add_argument("--ema-end-decay", type=float, help="EMA decay at and after --ema-anneal-end-step "
                                                            "(default: recipe's 0.999)")

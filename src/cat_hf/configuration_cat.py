@@ -9,11 +9,14 @@ single source of truth that the mask generator, `CATForPreTraining` and the trai
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+
+#: The Representation Regularization losses (the original's clap_loss_type values this package implements).
+RRLossType = Literal["mse", "cosine", "l1"]
 
 # Named architectures. cat-base is the paper's main model (88.8 M parameters with the multi-resolution stem).
 CAT_PRESETS: dict[str, dict] = {
@@ -127,7 +130,7 @@ class CATConfig(PreTrainedConfig):
     frame_loss_weight: float = 1.0
     utterance_loss_weight: float = 1.0
     rr_embedding_dim: int | None = 512
-    rr_loss_type: Literal["mse", "cosine", "l1"] = "mse"
+    rr_loss_type: RRLossType = "mse"
     rr_loss_weight: float = 1.0
     ema_decay: float = 0.9998
     ema_end_decay: float = 0.99999
@@ -148,7 +151,7 @@ class CATConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Reject inconsistent architectures with a message that says which field to change."""
         for name, allowed in (("stem_type", ("multires", "patch")), ("pooling", ("cls", "mean")),
-                              ("rr_loss_type", ("mse", "cosine", "l1"))):
+                              ("rr_loss_type", get_args(RRLossType))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {allowed}.")
         if self.hidden_size % self.num_attention_heads != 0:

@@ -16,12 +16,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from transformers.utils import logging
 
-from .configuration_cat import CATConfig
+from .configuration_cat import CATConfig, RRLossType
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .modeling_cat import CATForAudioClassification, CATForPreTraining, CATModel
 
@@ -169,10 +170,10 @@ def _check_supported(model_cfg: dict) -> None:
             f"decoder_dim {decoder['decoder_dim']} != embed_dim {model_cfg['embed_dim']} is not supported."
         )
     if model_cfg.get("clap_loss"):  # the RR settings only matter where RR was trained
-        if str(model_cfg.get("clap_loss_type", "mse")) not in ("mse", "cosine", "l1"):
+        if str(model_cfg.get("clap_loss_type", "mse")) not in get_args(RRLossType):
             raise CheckpointConversionError(
                 f"clap_loss_type={model_cfg['clap_loss_type']!r}: this Representation Regularization loss is not "
-                "implemented here (mse, cosine, l1 are)."
+                f"implemented here ({', '.join(get_args(RRLossType))} are)."
             )
         if int(model_cfg.get("proj_type") or 2) % 2 == 1:
             raise CheckpointConversionError(
