@@ -955,8 +955,8 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
                 "skipped_files": state.skipped_files,
             }
             session_metrics.append(record)
+            bar.set_postfix(_postfix(record), refresh=False)  # shown by the update, so the bar shows this step's numbers
             bar.update(1)
-            bar.set_postfix(_postfix(record), refresh=False)
             if state.step % config.log_every == 0 or state.step == stop_at:
                 _log(accelerator, metrics_path, record)
 
