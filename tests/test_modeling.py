@@ -356,6 +356,10 @@ def test_pretraining_model_save_round_trip(tmp_path):
     loaded = CATForPreTraining.from_pretrained(tmp_path)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+    # The student loads as an encoder with nothing unexpected reported (teacher, decoder, RR projector are left out).
+    encoder, info = CATModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert torch.equal(encoder.layers[0].mlp.fc1.weight, model.cat.layers[0].mlp.fc1.weight)
     # An encoder-only folder gives a pretraining model whose teacher starts as the student.
     encoder_dir = tmp_path / "encoder"
     model.cat.save_pretrained(encoder_dir)
