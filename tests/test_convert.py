@@ -235,18 +235,17 @@ def test_fc_norm_eps_is_fixed_like_the_original(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
-    [({"linear_layer": 1}, "linear_layer=1"),
-     ({"pretrained_model_args": {"model": {"add_bottleneck": True, "bottleneck_dim": 64}}}, "add_bottleneck"),
-     ({"pretrained_model_args": {"model": {"clap_loss_type": "ce"}}}, "clap_loss_type='ce'"),
-     ({"pretrained_model_args": {"model": {"proj_type": 1}}}, "proj_type=1")],
+    ("finetuning_setting", "overrides", "message"),
+    [(True, {"linear_layer": 1}, "linear_layer=1"),
+     (False, {"add_bottleneck": True, "bottleneck_dim": 64}, "add_bottleneck"),
+     (False, {"clap_loss_type": "ce"}, "clap_loss_type='ce'"),
+     (False, {"proj_type": 1}, "proj_type=1")],
 )
-def test_unsupported_variants_are_named(tmp_path, overrides, message):
+def test_unsupported_variants_are_named(tmp_path, finetuning_setting, overrides, message):
+    """Settings of the finetuning model or of the pretrained model it was built from."""
     _, checkpoint, path = _finetuned(tmp_path)
-    if "pretrained_model_args" in overrides:
-        checkpoint["cfg"]["model"]["pretrained_model_args"]["model"].update(overrides["pretrained_model_args"]["model"])
-    else:
-        checkpoint["cfg"]["model"].update(overrides)
+    model_cfg = checkpoint["cfg"]["model"]
+    (model_cfg if finetuning_setting else model_cfg["pretrained_model_args"]["model"]).update(overrides)
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointConversionError, match=message):
         convert_checkpoint(path, tmp_path / "out")
