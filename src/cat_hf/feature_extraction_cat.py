@@ -8,8 +8,8 @@ bins, 25 ms frames, 10 ms shift, dither 0), zero-pad or truncate to ``max_length
 
 Unlike a per-clip implementation, a whole batch is processed at once, in PyTorch on CPU or GPU: cache-sized chunks
 of frames are read straight from the clips, then go through a few fused in-place ops, one batched ``rfft`` and
-banded mel matmuls (on CPU, 64 ten-second clips take 36-69 ms on 2 cores, 25-34x less than transformers' numpy
-AST extractor; see benchmarks/bench_feature_extraction.py).
+banded mel matmuls (on CPU, 64 ten-second clips take 36-73 ms on 2 cores, 21-34x less than transformers' numpy
+AST extractor, median ~27x; see benchmarks/bench_feature_extraction.py).
 
 This file is deliberately self-contained (stdlib, numpy, torch and transformers only; soxr and torchaudio are
 imported lazily) so that it can be shipped as Hugging Face remote code next to a checkpoint.
