@@ -98,6 +98,40 @@ def test_trainable_share_on_cat_tiny_is_below_five_percent(capsys):
     assert LoraSettings().to_peft_config().target_modules == {"q_proj", "v_proj"}
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_adapters_get_their_gradients_under_activation_checkpointing(use_reentrant):
+    """Checkpointing enabled before wrapping, as PEFT documents: PEFT then hooks the model's input embeddings (the
+    stem) to require grad, without which reentrant checkpointing of the frozen blocks gives the adapters no gradient."""
+    features, labels = torch.randn(2, 64, 128), torch.tensor([0, 2])
+
+    def adapter_gradients(checkpointing: bool) -> dict[str, torch.Tensor | None]:
+        torch.manual_seed(0)
+        model = CATForAudioClassification(CATConfig.from_preset("cat-tiny", num_hidden_layers=2, **LABEL_KWARGS))
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        peft_model = add_lora(model, verbose=False)
+        peft_model.train()
+        peft_model(input_values=features, labels=labels).loss.backward()
+        return {name: p.grad for name, p in peft_model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = adapter_gradients(False), adapter_gradients(True)
+    assert plain.keys() == checkpointed.keys() and any("lora_B" in name for name in plain)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, f"{name} got no gradient under checkpointing"
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_finetuning_with_activation_checkpointing(corpus, encoder_dir, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    finetune(dict(
+        data=str(corpus), model=str(encoder_dir), output_dir=str(out), lora=True, activation_checkpointing=True,
+        max_steps=2, warmup_steps=1, learning_rate=1e-2, batch_size=8, eval_steps=2, num_workers=0, validation_size=0.25,
+    ))  # fmt: skip
+    assert "activation checkpointing" in capsys.readouterr().out
+    lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: every one received gradients
+
+
 def test_add_lora_rejects_unknown_modules():
     model = CATForAudioClassification(CATConfig.from_preset("cat-tiny", num_hidden_layers=1, num_labels=2))
     with pytest.raises(ValueError, match="not Linear layers"):

@@ -132,7 +132,8 @@ class FinetuneConfig:
     Optimisation: max_steps, warmup_steps (optimiser updates), learning_rate, min_learning_rate, weight_decay,
         adam_beta1/adam_beta2/adam_epsilon, layer_decay (None: 0.65 for full finetuning, 1.0 otherwise),
         layer_decay_stem, batch_size (per device), gradient_accumulation_steps, max_grad_norm (None: no clipping),
-        mixed_precision ("no", "fp16", "bf16").
+        mixed_precision ("no", "fp16", "bf16"), activation_checkpointing (recompute each block's activations in the
+        backward pass: less memory for larger batches, at the cost of a second forward through the blocks).
     Loss: loss ("auto": cross-entropy for single-label, BCE for multi-label; "bce" on single-label data is the
         Speech Commands recipe), label_smoothing.
     Augmentation (see `cat_hf.augment`): mixup_alpha (0 = off), mixup_prob, freq_mask_ratio, time_mask_ratio,
@@ -181,6 +182,7 @@ class FinetuneConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
     mixed_precision: str = "no"
+    activation_checkpointing: bool = False
     # loss
     loss: str = "auto"
     label_smoothing: float = 0.0
@@ -530,6 +532,8 @@ def build_model(config: FinetuneConfig, data: PreparedData):
         model = CATForAudioClassification(
             CATConfig.from_preset(config.preset, drop_path_rate=config.drop_path_rate, **label_kwargs)
         )
+    if config.activation_checkpointing:  # before any LoRA wrapping, so that PEFT hooks the stem for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -849,7 +853,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
     set_train_mode(model, accelerator, config.linear_probe)
     accelerator.print(f"training {config.max_steps} steps, batch {config.batch_size} x {config.gradient_accumulation_steps} "
-                      f"accumulation x {accelerator.num_processes} process(es), layer decay {layer_decay}")  # fmt: skip
+                      f"accumulation x {accelerator.num_processes} process(es), layer decay {layer_decay}"
+                      + (", activation checkpointing" if config.activation_checkpointing else ""))  # fmt: skip
     while step < config.max_steps:
         train_set.set_epoch(epoch)
         steps_before = step
@@ -1018,6 +1023,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                             ("gain", "random waveform gain Beta(10,10)+0.5"),
                             ("noise", "feature noise + frame shift (Speech Commands recipe)"),
                             ("balanced-sampling", "draw clips with inverse-label-frequency weights"),
+                            ("activation-checkpointing", "recompute block activations in the backward pass (less memory)"),
                             ("linear-probe", "freeze the encoder; train fc_norm + classifier only"),
                             ("lora", "train LoRA adapters (see cat_hf.lora) + the head"),
                             ("merge", "with --lora: also write <output-dir>/merged, a plain model folder"),

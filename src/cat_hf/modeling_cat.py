@@ -503,6 +503,9 @@ class CATPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CATLayer", "CATEmbeddings"]
+    # The stem is the model's "input embeddings": `enable_input_require_grads` (which PEFT calls for adapters with
+    # gradient checkpointing) hooks it, so that reentrant checkpointing of frozen blocks still reaches the adapters.
+    _input_embed_layer = "stem"
     # A pretraining folder also holds the EMA teacher, the decoder and the RR projector: loading its encoder (AutoModel,
     # or a classifier to finetune) leaves them out on purpose, so they are not reported as unexpected.
     _keys_to_ignore_on_load_unexpected = [r"^teacher\.", r"^decoder\.", r"^rr_projector\."]
