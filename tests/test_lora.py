@@ -62,11 +62,16 @@ def lora_run(corpus, encoder_dir, tmp_path_factory) -> tuple[Path, dict, str]:
     out = tmp_path_factory.mktemp("lora-run") / "adapter"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = finetune(dict(
-            data=str(corpus), model=str(encoder_dir), output_dir=str(out), lora=True, merge=True, max_steps=6,
-            warmup_steps=1, learning_rate=1e-2, batch_size=8, eval_steps=3, num_workers=0, validation_size=0.25,
-        ))  # fmt: skip
+        result = lora_finetune(corpus, encoder_dir, out, merge=True, max_steps=6, eval_steps=3)
     return out, result, printed.getvalue()
+
+
+def lora_finetune(corpus: Path, encoder_dir: Path, out: Path, **overrides) -> dict:
+    """A short LoRA finetuning run of the micro encoder, at a learning rate high enough that the adapter moves."""
+    return finetune(dict(
+        data=str(corpus), model=str(encoder_dir), output_dir=str(out), lora=True, warmup_steps=1, learning_rate=1e-2,
+        batch_size=8, num_workers=0, validation_size=0.25, **overrides,
+    ))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +128,7 @@ def test_adapters_get_their_gradients_under_activation_checkpointing(use_reentra
 
 def test_lora_finetuning_with_activation_checkpointing(corpus, encoder_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
-    finetune(dict(
-        data=str(corpus), model=str(encoder_dir), output_dir=str(out), lora=True, activation_checkpointing=True,
-        max_steps=2, warmup_steps=1, learning_rate=1e-2, batch_size=8, eval_steps=2, num_workers=0, validation_size=0.25,
-    ))  # fmt: skip
+    lora_finetune(corpus, encoder_dir, out, activation_checkpointing=True, max_steps=2, eval_steps=2)
     assert "activation checkpointing" in capsys.readouterr().out
     lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: every one received gradients
