@@ -134,6 +134,15 @@ def test_lora_finetuning_with_activation_checkpointing(corpus, encoder_dir, tmp_
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: every one received gradients
 
 
+def test_wrapping_and_loading_do_not_repeat_peft_deprecation_warnings(lora_run, recwarn):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` on every wrap and load; users cannot act on it."""
+    out, _, _ = lora_run
+    load_lora_model(out)
+    add_lora(CATForAudioClassification(CATConfig.from_preset("cat-tiny", num_hidden_layers=1, **LABEL_KWARGS)),
+             verbose=False)
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_add_lora_rejects_unknown_modules():
     model = CATForAudioClassification(CATConfig.from_preset("cat-tiny", num_hidden_layers=1, num_labels=2))
     with pytest.raises(ValueError, match="not Linear layers"):

@@ -258,6 +258,19 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, reference, tmp_path):
     _same_trajectory(_metrics(out), reference)
 
 
+def test_activation_checkpointing_gives_the_same_run(corpus, reference, tmp_path, capsys):
+    """Recomputing the student's blocks in the backward pass changes memory, not numbers: same losses, same
+    gradient norms, step by step (dropout / drop path replay the same random draws)."""
+    out = tmp_path / "checkpointed"
+    result = pretrain(_config(corpus, out, stop_at_step=REFERENCE_STEPS, activation_checkpointing=True))
+    assert "activation checkpointing" in capsys.readouterr().out
+    _same_trajectory(_metrics(out), reference)
+    model, student_block_runs = result["model"].train(), []
+    model.cat.layers[0].attention.q_proj.register_forward_pre_hook(lambda *_: student_block_runs.append(1))
+    model(torch.randn(2, 128, 128)).loss.backward()
+    assert len(student_block_runs) == 2  # forward, then again in the backward pass
+
+
 def test_sigterm_saves_state_and_resume_continues_exactly(corpus, reference, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "cat_hf.pretrain", "--config", "tiny", "--data", str(corpus),

@@ -117,6 +117,8 @@ class PretrainConfig:
         warmup_steps, min_lr_ratio: linear warm-up from 0, then cosine down to `min_lr_ratio * learning_rate`.
         max_grad_norm: gradient clipping (0 or None: none).
         mixed_precision: "no", "fp16" (needs a GPU) or "bf16". The EMA teacher's weights always stay fp32.
+        activation_checkpointing: recompute the student's block activations in the backward pass (less memory for
+            larger batches or clone_batch, for a second forward pass through the student's blocks).
         seed: seeds the initialisation, the data order, the crops and the masks.
     Output:
         output_dir: receives the exported model, `pretraining/`, `checkpoints/`, `metrics.jsonl`, TensorBoard logs.
@@ -155,6 +157,7 @@ class PretrainConfig:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 4.0
     mixed_precision: str = "fp16"
+    activation_checkpointing: bool = False
     seed: int = 1
     # output, logging, checkpoints
     output_dir: str = "cat-pretrained"
@@ -631,8 +634,14 @@ def build_model(config: PretrainConfig) -> Any:
 
     model_config = _model_config(config)
     if config.init_from:
-        return CATForPreTraining.from_pretrained(config.init_from, config=model_config)
-    return CATForPreTraining(model_config)
+        model = CATForPreTraining.from_pretrained(config.init_from, config=model_config)
+    else:
+        model = CATForPreTraining(model_config)
+    if config.activation_checkpointing:
+        # Non-reentrant: it needs no input that requires grad and restores the RNG state of dropout / drop path,
+        # so the run is the same as without checkpointing. The teacher runs without grad and is not recomputed.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -885,7 +894,8 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
         f"{config.batch_size} clips x {config.gradient_accumulation_steps} micro-batches x {world} processes per "
         f"step, {model_config.clone_batch} masked clones each, RR {getattr(rr_encoder, 'name', 'off')}, "
         f"steps {state.step + 1}..{min(config.max_steps, config.stop_at_step or config.max_steps)} of "
-        f"{config.max_steps}, on {describe_hardware(accelerator)}."
+        f"{config.max_steps}, on {describe_hardware(accelerator)}"
+        + (", activation checkpointing." if config.activation_checkpointing else ".")
     )
     grid = (config.frames // model_config.patch_size, model_config.frequency_patches)
     batches = iterate_batches(accelerator, dataloader, sampler, dataset, state)
