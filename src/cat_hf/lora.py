@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,16 +95,6 @@ class LoraSettings:
 # Wrapping
 
 
-
-@contextmanager
-def _without_peft_deprecation_warning() -> Iterator[None]:
-    """PEFT 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning on
-    every wrap and load; the user can do nothing about it, so it is silenced there (and only that warning)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
 def add_lora(model: CATForAudioClassification, settings: LoraSettings | None = None, *, verbose: bool = True) -> PeftModel:
     """Wrap a classifier with LoRA adapters (in place) and print the trainable share of the parameters.
 
@@ -139,8 +127,7 @@ def add_lora(model: CATForAudioClassification, settings: LoraSettings | None = N
         model.name_or_path = os.path.abspath(name_or_path)  # the adapter must find its base from anywhere
     from peft import get_peft_model
 
-    with _without_peft_deprecation_warning():
-        peft_model = get_peft_model(model, settings.to_peft_config())
+    peft_model = get_peft_model(model, settings.to_peft_config())
     if verbose:
         print(describe_trainable(peft_model, "LoRA"))
     return peft_model
@@ -235,8 +222,7 @@ def load_lora_model(
         hf_logging.set_verbosity(verbosity)
     from peft import PeftModel
 
-    with _without_peft_deprecation_warning():
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
 
 
 def merge_lora(

@@ -510,6 +510,12 @@ class CATPreTrainedModel(PreTrainedModel):
     # or a classifier to finetune) leaves them out on purpose, so they are not reported as unexpected.
     _keys_to_ignore_on_load_unexpected = [r"^teacher\.", r"^decoder\.", r"^rr_projector\."]
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """The old name of `is_activation_checkpointing`, which PEFT 0.21 reads on every wrap and load: transformers 5
+        deprecates it with a FutureWarning that users can do nothing about, so CAT answers it without one."""
+        return self.is_activation_checkpointing
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Lists every CAT head in `auto_map`, so that one folder serves AutoModel, AutoModelForAudioClassification
         and AutoModelForPreTraining for `trust_remote_code=True` users (transformers only adds the saved class)."""
