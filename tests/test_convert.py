@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,34 +102,58 @@ def test_not_a_checkpoint(tmp_path):
     bad.write_text("hello")
     with pytest.raises(CheckpointConversionError, match="not a checkpoint torch.load"):
         convert_checkpoint(bad, tmp_path / "out")
+    torch.save(small_pretraining_model("patch").state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(CheckpointConversionError, match=r"bare state dict \(\d+ tensors.*not its weights alone"):
+        convert_checkpoint(tmp_path / "weights.pt", tmp_path / "out")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointConversionError, match="expected a dict with 'model' and 'cfg'"):
         convert_checkpoint(tmp_path / "other.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_and_unexpected_keys_are_named_and_nothing_is_written(tmp_path):
-    model = small_pretraining_model("multires")
-    checkpoint = pretraining_checkpoint(model)
-    del checkpoint["model"]["blocks.1.mlp.fc2.weight"]
-    torch.save(checkpoint, tmp_path / "missing.pt")
-    with pytest.raises(CheckpointConversionError, match=r"layers\.1\.mlp\.fc2\.weight"):
-        convert_checkpoint(tmp_path / "missing.pt", tmp_path / "out")
+def _broken(tmp_path, checkpoint: dict, change) -> Path:
+    change(checkpoint["model"])
+    path = tmp_path / f"broken-{len(list(tmp_path.glob('broken-*')))}.pt"
+    torch.save(checkpoint, path)
+    return path
 
-    checkpoint = pretraining_checkpoint(model)
-    checkpoint["model"]["modality_encoders.IMAGE.mystery.weight"] = torch.zeros(3)
-    torch.save(checkpoint, tmp_path / "unexpected.pt")
-    with pytest.raises(CheckpointConversionError, match=r"unexpected keys.*mystery"):
-        convert_checkpoint(tmp_path / "unexpected.pt", tmp_path / "out")
+
+def _shrink_qkv(state: dict) -> None:
+    state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:, :-3]
+
+
+@pytest.mark.parametrize("teacher", [False, True], ids=["student", "teacher"])
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda state: state.pop("blocks.1.mlp.fc2.weight"), r"Missing keys: \['blocks\.1\.mlp\.fc2\.weight'\]"),
+    (lambda state: state.pop("modality_encoders.IMAGE.decoder.proj.bias"),
+     r"Missing keys: \['modality_encoders\.IMAGE\.decoder\.proj\.bias'\]"),
+    (lambda state: state.update({"modality_encoders.IMAGE.mystery.weight": torch.zeros(3)}),
+     r"unexpected keys.*'modality_encoders\.IMAGE\.mystery\.weight'"),
+    (_shrink_qkv, r"each third of blocks\.0\.attn\.qkv\.weight has shape \(96, 93\) in the checkpoint.*needs \(96, 96\)"),
+    (lambda state: state["_ema"].pop("blocks.1.norm2.bias"), r"Missing keys: \[\"model\['_ema'\] blocks\.1\.norm2\.bias\"\]"),
+], ids=["missing", "missing-decoder", "unexpected", "shape", "missing-teacher"])
+def test_broken_checkpoints_are_refused_naming_their_keys_and_nothing_is_written(tmp_path, change, message, teacher):
+    """Errors name the keys as the checkpoint has them; --teacher checks the whole checkpoint as well."""
+    path = _broken(tmp_path, pretraining_checkpoint(small_pretraining_model("multires")), change)
+    with pytest.raises(CheckpointConversionError, match=message) as error:
+        convert_checkpoint(path, tmp_path / "out", teacher=teacher)
+    assert "cat." not in str(error.value) and "layers." not in str(error.value)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no staging folder left behind
+
+
+def test_finetuning_checkpoint_errors_name_its_keys(tmp_path):
+    _, checkpoint, _ = _finetuned(tmp_path)
+    path = _broken(tmp_path, checkpoint, lambda state: (state.pop("head.weight"), state.pop("model.blocks.0.norm1.bias")))
+    with pytest.raises(CheckpointConversionError, match=r"Missing keys: \['head\.weight', 'model\.blocks\.0\.norm1\.bias'\]"):
+        convert_checkpoint(path, tmp_path / "out")
 
 
 def test_command_line_reports_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"\x00\x01")
     result = subprocess.run([sys.executable, "-m", "cat_hf.cli", "convert", str(tmp_path / "bad.pt"),
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "not a checkpoint" in result.stdout
+    assert result.returncode == 2 and "not a checkpoint" in result.stderr and not result.stdout
     assert not (tmp_path / "out").exists()
     help_text = subprocess.run([sys.executable, "-m", "cat_hf.cli", "convert", "--help"], capture_output=True,
                                text=True, timeout=300).stdout
@@ -194,7 +219,7 @@ def test_teacher_of_ema_encoder_only_runs_on_the_student_embeddings(tmp_path):
     # Missing block weights are not filled in from the student.
     del checkpoint["model"]["_ema"]["1.mlp.fc1.weight"]
     torch.save(checkpoint, tmp_path / "incomplete.pt")
-    with pytest.raises(CheckpointConversionError, match=r"layers\.1\.mlp\.fc1\.weight"):
+    with pytest.raises(CheckpointConversionError, match=r"_ema'\] blocks\.1\.mlp\.fc1\.weight"):
         convert_checkpoint(tmp_path / "incomplete.pt", tmp_path / "c")
 
 

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import get_args
@@ -66,6 +67,58 @@ _DECODER_RULES = [
 ]
 
 
+def _inverted(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The renaming rules backwards (our name -> the original's), so that errors name the checkpoint's keys. A group
+    that our name drops (the stage number of ``patch_embed.N.weight``) comes back as ``N``."""
+    inverse = []
+    for pattern, replacement in rules:
+        groups = re.findall(r"\([^)]*\)", pattern)
+        parts = re.split(r"\\(\d)", replacement)  # literal, group number, literal, ...
+        used = [int(n) for n in parts[1::2]]
+        if used != sorted(set(used)):
+            raise AssertionError(f"rule {pattern!r} -> {replacement!r} must use its groups in order")
+        numbers = iter(f"\\{used.index(i) + 1}" if i in used else "N" for i in range(1, len(groups) + 1))
+        inverse.append((
+            "".join(re.escape(part) if i % 2 == 0 else groups[int(part) - 1] for i, part in enumerate(parts)),
+            re.sub(r"\([^)]*\)", lambda _: next(numbers), pattern).replace("\\.", "."),
+        ))
+    return inverse
+
+
+_ORIGINAL_EMBEDDINGS, _ORIGINAL_BLOCKS = _inverted(_EMBEDDING_RULES), _inverted(_BLOCK_RULES)
+_ORIGINAL_DECODER = _inverted(_DECODER_RULES)
+_HEADS = {"fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias",
+          "head.weight": "classifier.weight", "head.bias": "classifier.bias"}  # fmt: skip
+
+
+def original_key(key: str, prefix: str = "") -> str:
+    """The checkpoint's name for one of our state-dict keys (`prefix`: "model." in finetuning checkpoints), e.g.
+    ``cat.layers.1.attention.q_proj.weight`` -> ``blocks.1.attn.qkv.weight``; the key itself if none applies."""
+    def encoder_key(name: str) -> str | None:
+        if name.startswith("embeddings."):
+            found = _rename(name[len("embeddings."):], _ORIGINAL_EMBEDDINGS)
+            return _ENCODER + found if found else None
+        if m := re.fullmatch(r"layers\.(\d+)\.attention\.[qkv]_proj\.(weight|bias)", name):
+            return f"blocks.{m.group(1)}.attn.qkv.{m.group(2)}"
+        return _rename(name, _ORIGINAL_BLOCKS)
+
+    found = None
+    if key.startswith("cat."):
+        found = encoder_key(key[len("cat."):])
+        found = prefix + found if found else None
+    elif key.startswith("teacher."):
+        found = encoder_key(key[len("teacher."):])
+        found = f"model['_ema'] {found}" if found else None
+    elif key.startswith("decoder."):
+        found = _rename(key, _ORIGINAL_DECODER)
+        found = _ENCODER + found if found else None
+    elif key.startswith("rr_projector."):
+        found = "clap_proj." + key[len("rr_projector."):]
+    else:
+        found = {ours: theirs for theirs, ours in _HEADS.items()}.get(key)
+    return found or key
+
+
 def load_original_checkpoint(path: str | os.PathLike) -> dict:
     """Load a fairseq checkpoint without fairseq, and check that it looks like one of CAT's."""
     path = Path(path)
@@ -80,6 +133,12 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict:
             f"{path} is not a checkpoint torch.load(weights_only=True) can read ({type(error).__name__}: {error}). "
             "Pass the .pt file written by the authors' fairseq trainer."
         ) from error
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CheckpointConversionError(
+            f"{path} holds a bare state dict ({len(checkpoint)} tensors, e.g. {next(iter(checkpoint))!r}), without the "
+            "'cfg' the architecture is read from. Pass the whole checkpoint the authors' fairseq trainer saved (with "
+            "'model' and 'cfg'), not its weights alone."
+        )
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "cfg" not in checkpoint:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointConversionError(
@@ -351,20 +410,24 @@ def encoder_state_dict(state: dict, prefix: str = "") -> tuple[dict, list[str]]:
     return converted, unused
 
 
-def _load_strict(model: torch.nn.Module, state: dict, what: str) -> None:
+def _load_strict(model: torch.nn.Module, state: dict, what: str, prefix: str = "") -> None:
+    """Load `state` (our names) into `model`, or fail naming the checkpoint's keys (`prefix` as in `original_key`)."""
     expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
+    missing = sorted(original_key(k, prefix) for k in expected - set(state))
+    unexpected = sorted(original_key(k, prefix) for k in set(state) - expected)
     if missing or unexpected:
         raise CheckpointConversionError(
-            f"{what}: the checkpoint does not fit the inferred architecture. Missing keys: {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''}; unexpected keys: {unexpected[:20]}"
+            f"{what}: the checkpoint does not fit the architecture inferred from its cfg and weight shapes. Missing "
+            f"keys: {missing[:20]}{' ...' if len(missing) > 20 else ''}; unexpected keys: {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''}."
         )
     for key, value in model.state_dict().items():
         if value.shape != state[key].shape:
-            raise CheckpointConversionError(f"{what}: {key} has shape {tuple(state[key].shape)} in the checkpoint "
-                                            f"but {tuple(value.shape)} in the model.")
+            part = "each third of " if re.search(r"attention\.[qkv]_proj", key) else ""  # of the fused qkv
+            raise CheckpointConversionError(
+                f"{what}: {part}{original_key(key, prefix)} has shape {tuple(state[key].shape)} in the checkpoint, but "
+                f"the architecture inferred from its cfg and other weights needs {tuple(value.shape)}."
+            )
     model.load_state_dict(state, strict=True)
 
 
@@ -409,26 +472,19 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
             raise CheckpointConversionError("--teacher needs a pretraining checkpoint; finetuning ones have no teacher.")
         encoder, unused = encoder_state_dict(state, prefix="model.")
         full = {f"cat.{k}": v for k, v in encoder.items()}
-        heads = {"fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias",
-                 "head.weight": "classifier.weight", "head.bias": "classifier.bias"}
-        for old, new in heads.items():
+        for old, new in _HEADS.items():
             if old in state:
                 full[new] = state[old].float()
         # clap_proj is kept by the original but unused for classification.
         _reject_leftovers(unused, (r"head\.(weight|bias)", r"fc_norm\.(weight|bias)", r"model\.clap_proj\.(weight|bias)"),
                           "finetuning checkpoint")
         model = CATForAudioClassification(config)
-        _load_strict(model, full, "finetuning checkpoint")
+        _load_strict(model, full, "finetuning checkpoint", prefix="model.")
         return model.eval()
 
+    if teacher and not ema:
+        raise CheckpointConversionError("--teacher: this pretraining checkpoint has no EMA teacher (model['_ema']).")
     encoder, unused = encoder_state_dict(state)
-    if teacher:
-        if not ema:
-            raise CheckpointConversionError("--teacher: this pretraining checkpoint has no EMA teacher (model['_ema']).")
-        model = CATModel(config)
-        _load_strict(model, _teacher_state(ema, encoder), "EMA teacher")
-        return model.eval()
-
     full = {f"cat.{k}": v for k, v in encoder.items()}
     leftovers = []
     for key in unused:
@@ -446,6 +502,10 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
         full.update({f"teacher.{k[4:]}": v for k, v in list(full.items()) if k.startswith("cat.")})
     model = CATForPreTraining(config)
     _load_strict(model, full, "pretraining checkpoint")
+    if teacher:  # exported only once the whole checkpoint has been checked, as without --teacher
+        encoder_model = CATModel(config)
+        encoder_model.load_state_dict(model.teacher.state_dict())
+        return encoder_model.eval()
     return model.eval()
 
 
@@ -455,7 +515,8 @@ def convert_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.
     feature extractor, model source files). Nothing is written if anything fails."""
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True.")
+        raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True "
+                              "(--overwrite on the command line).")
     checkpoint = load_original_checkpoint(checkpoint_path)
     model = build_model(checkpoint, teacher=teacher)
     feature_extractor = feature_extractor_from_checkpoint(checkpoint, model.config.patch_size)
@@ -485,7 +546,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.checkpoint, args.output_dir, teacher=args.teacher, overwrite=args.overwrite)
     except (CheckpointConversionError, FileExistsError) as error:
-        print(f"error: {error}")
+        print(f"cat-hf convert: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
