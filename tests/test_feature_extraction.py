@@ -462,6 +462,10 @@ def test_bad_arguments_raise():
         CATFeatureExtractor.from_preset("librispeech")
     with pytest.raises(ValueError, match="max_length must be an integer of at least 16"):
         CATFeatureExtractor(max_length=8)
+    with pytest.raises(ValueError, match="max_length must be an integer of at least 16 frames.*got 8"):
+        extractor(wave, sampling_rate=16000, max_length=8)  # the same rule per call
+    with pytest.raises(ValueError, match=r"500 samples at 44100 Hz, 181 after resampling to 16000 Hz: shorter"):
+        extractor(np.zeros(500, dtype=np.float32) + 0.1, sampling_rate=44100)
     with pytest.raises(ValueError, match="feature_size"):
         CATFeatureExtractor(feature_size=80)
     with pytest.raises(ValueError, match="std must be positive"):

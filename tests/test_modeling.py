@@ -50,6 +50,11 @@ def test_presets_match_the_paper():
         (dict(stem_type="resnet"), "stem_type='resnet' is not supported"),
         (dict(pooling="max"), "pooling='max' is not supported"),
         (dict(average_top_k_layers=5), "average_top_k_layers"),
+        (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+        (dict(num_hidden_layers=-1), "num_hidden_layers must be a positive integer, got -1"),
+        (dict(hidden_size=192.0), r"hidden_size must be a positive integer, got 192.0 \(float\)"),
+        (dict(max_time_patches="64"), r"max_time_patches must be a positive integer, got '64' \(str\)"),
+        (dict(problem_type="single_label"), "problem_type='single_label' is not one of"),
     ],
 )
 def test_inconsistent_config_is_rejected(overrides, message):
@@ -95,6 +100,24 @@ def test_bad_lengths_get_clear_errors():
         model(torch.randn(1, 64, 64))
     with pytest.raises(ValueError, match="input_values must have shape"):
         model(torch.randn(64, 128))
+
+
+def test_bad_inputs_and_masks_get_clear_errors():
+    model = random_model()
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got ndarray.*return_tensors='pt'"):
+        model(np.zeros((1, 64, 128), dtype=np.float32))
+    x, mask = torch.randn(2, 64, 128), torch.ones(2, 64, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 48\), but input_values has 2 clips of 64"):
+        model(x, attention_mask=mask[:, :48])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 64\)"):
+        model(x, attention_mask=mask[:1])
+    left_padded = mask.clone()
+    left_padded[1, :20] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] have padding before real frames.*right-padded"):
+        model(x, attention_mask=left_padded)
+    right_padded = mask.clone().bool()
+    right_padded[1, 44:] = False
+    model(x, attention_mask=right_padded)  # bool masks are accepted
 
 
 def test_trailing_frames_follow_the_original_rule():

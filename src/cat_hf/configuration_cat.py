@@ -150,6 +150,17 @@ class CATConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Reject inconsistent architectures with a message that says which field to change."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "num_mel_bins",
+                     "max_time_patches", "stem_kernel_size", "clone_batch", "decoder_layers", "decoder_kernel_size",
+                     "decoder_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(
+                f"problem_type={self.problem_type!r} is not one of transformers' 'single_label_classification', "
+                "'multi_label_classification', 'regression' (or None: inferred from the labels' shape and dtype)."
+            )
         for name, allowed in (("stem_type", ("multires", "patch")), ("pooling", ("cls", "mean")),
                               ("rr_loss_type", get_args(RRLossType))):
             if getattr(self, name) not in allowed:

@@ -718,11 +718,7 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"sampling_rate must be positive, got {sampling_rate!r}.")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}.")
-        if not isinstance(max_length, int) or max_length < pad_to_multiple_of:
-            raise ValueError(
-                f"max_length must be an integer of at least {pad_to_multiple_of} frames (one time patch), "
-                f"got {max_length!r}; use e.g. 1024 (AudioSet), 512 (ESC-50) or 128 (Speech Commands)."
-            )
+        self._check_max_length(max_length, pad_to_multiple_of)
         if not std or std <= 0:
             raise ValueError(f"std must be positive, got {std!r}; use the log-mel std of the training data.")
         if resample_backend not in _RESAMPLE_BACKENDS:
@@ -816,6 +812,14 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
         )
 
     @staticmethod
+    def _check_max_length(max_length: Any, pad_to_multiple_of: int) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < pad_to_multiple_of:
+            raise ValueError(
+                f"max_length must be an integer of at least {pad_to_multiple_of} frames (one time patch), "
+                f"got {max_length!r}; use e.g. 1024 (AudioSet), 512 (ESC-50) or 128 (Speech Commands)."
+            )
+
+    @staticmethod
     def _check_padding(padding: Any) -> str:
         if padding is True:
             return "longest"
@@ -882,13 +886,14 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
         if samples.size == 0:
             raise ValueError(f"{what} is empty (0 samples); drop it or pass real audio.")
         mono = downmix_to_mono(samples) if samples.ndim == 2 else samples
+        given = f"{mono.shape[0]} samples at {sampling_rate:g} Hz"
         if sampling_rate != self.sampling_rate:
             mono = resample_audio(mono, sampling_rate, self.sampling_rate, backend=backend)
+            given += f", {mono.shape[0]} after resampling to {self.sampling_rate} Hz"
         if mono.shape[0] < self.window_samples:
             raise ValueError(
-                f"{what} has {mono.shape[0]} samples at {self.sampling_rate} Hz, shorter than one "
-                f"{self.frame_length_ms:g} ms frame ({self.window_samples} samples); pad it (e.g. with zeros) "
-                "or drop it."
+                f"{what} has {given}: shorter than one {self.frame_length_ms:g} ms frame ({self.window_samples} "
+                f"samples at {self.sampling_rate} Hz); pad it (e.g. with zeros) or drop it."
             )
         return mono
 
@@ -934,8 +939,9 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
             sampling_rate: Rate of `raw_speech`; resampled to ``self.sampling_rate`` if different. Pass it: a
                 wrong rate silently gives wrong features.
             padding: ``"max_length"`` or ``"longest"``/``True``; defaults to ``self.padding``.
-            max_length: Frames for ``"max_length"`` (and the cap for ``"longest"`` with ``truncation=True``);
-                defaults to ``self.max_length``.
+            max_length: Frames for ``"max_length"`` (and the cap for ``"longest"`` with ``truncation=True``, after
+                which the batch is still rounded up to ``pad_to_multiple_of``, as transformers pads); at least
+                ``pad_to_multiple_of``; defaults to ``self.max_length``.
             truncation: Only for ``"longest"``: cut clips to `max_length` frames first. ``"max_length"`` always
                 truncates (passing ``False`` is an error).
             return_attention_mask: Return the (B, T) int64 frame mask, 1 = real frame. Default: True for
@@ -952,8 +958,7 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
         output_type = self._check_return_tensors(return_tensors)
         padding = self._check_padding(self.padding if padding is None else padding)
         max_length = self.max_length if max_length is None else max_length
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive number of frames, got {max_length!r}.")
+        self._check_max_length(max_length, self.pad_to_multiple_of)
         if padding == "max_length" and truncation is False:
             raise ValueError(
                 "padding='max_length' always truncates to max_length frames; use padding='longest' to keep whole "

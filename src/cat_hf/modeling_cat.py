@@ -560,6 +560,11 @@ class CATPreTrainedModel(PreTrainedModel):
 
 def _as_spectrogram(input_values: torch.Tensor, config: CATConfig) -> torch.Tensor:
     """Accept (B, T, F) or (B, 1, T, F); check the length against the stem and the positional table."""
+    if not isinstance(input_values, torch.Tensor):
+        raise TypeError(
+            f"input_values must be a torch.Tensor, got {type(input_values).__name__}; call the feature extractor "
+            "with return_tensors='pt' (or wrap arrays with torch.from_numpy)."
+        )
     if input_values.ndim == 3:
         input_values = input_values.unsqueeze(1)
     if input_values.ndim != 4 or input_values.shape[1] != 1:
@@ -585,13 +590,35 @@ def _as_spectrogram(input_values: torch.Tensor, config: CATConfig) -> torch.Tens
     return input_values
 
 
+def _check_attention_mask(attention_mask: torch.Tensor, spectrogram: torch.Tensor) -> None:
+    """The mask must cover the input frame by frame and mark real frames first (right padding), as the feature
+    extractor returns it: the model reads only how many frames of each row are real."""
+    batch, frames = spectrogram.shape[0], spectrogram.shape[2]
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, frames):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(
+            f"attention_mask has shape {shape}, but input_values has {batch} clips of {frames} frames: pass the "
+            f"({batch}, {frames}) mask over frames that CATFeatureExtractor returns with them."
+        )
+    real_after_padding = (attention_mask[:, 1:] > attention_mask[:, :-1]).any(dim=1)
+    if bool(real_after_padding.any()):
+        rows = real_after_padding.nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask rows {rows[:5]} have padding before real frames; CAT takes right-padded batches (real "
+            "frames first, as CATFeatureExtractor pads them)."
+        )
+
+
 class CATModel(CATPreTrainedModel):
     """The CAT encoder: stem, positions, CLS token, context LayerNorm and post-LN transformer blocks.
 
     Lengths that are not a multiple of 16 frames behave as in the original: floor(T / 16) time patches, and
     with the multi-resolution stem the trailing T mod 16 frames still influence the tokens through the stem's
     finer grids. `attention_mask` (B, T) over frames (1 = real) makes padded tokens invisible to attention and
-    to the stem's depthwise convolutions, so a clip gives the same output alone and padded inside a batch.
+    to the stem's depthwise convolutions, so a clip gives the same output alone and padded inside a batch. A
+    patch row with any real frame counts as real: `CATFeatureExtractor(padding="longest")` pads a clip to whole
+    patches with its mask, so that a 29-frame clip has 2 time patches alone and in any batch (unpadded, without a
+    mask, it has floor(29 / 16) = 1, as in the original).
     """
 
     def __init__(self, config: CATConfig):
@@ -650,6 +677,7 @@ class CATModel(CATPreTrainedModel):
         freq_patches = config.frequency_patches
         keep = key_mask = padding = None
         if attention_mask is not None:
+            _check_attention_mask(attention_mask, spectrogram)
             valid_rows = self.token_padding_mask(attention_mask, time_patches)
             keep = valid_rows[:, :, None].expand(-1, -1, freq_patches)
             extra = valid_rows.new_ones(valid_rows.shape[0], config.num_extra_tokens)
