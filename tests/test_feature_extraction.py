@@ -357,6 +357,19 @@ def test_multichannel_is_downmixed():
     assert out.dtype == np.float32 and out.shape == (8000,) and np.abs(out - mono).max() < 1e-4
 
 
+def test_a_batch_passed_as_one_2d_array_is_downmixed_with_a_warning(caplog):
+    """Other transformers extractors read (clips, samples) as a batch; CAT reads channels, and says so."""
+    extractor = CATFeatureExtractor(max_length=64)
+    clips = np.stack([_clip(0.5, seed) for seed in range(12)])
+    logging.getLogger("cat_hf.feature_extraction_cat").propagate = True
+    with caplog.at_level(logging.WARNING, logger="cat_hf.feature_extraction_cat"):
+        stereo = extractor(clips[:2], sampling_rate=16000, return_tensors="pt")["input_values"]
+        assert not caplog.records
+        twelve = extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert stereo.shape[0] == twelve.shape[0] == 1
+    assert "read as 12 channels of one clip" in caplog.text and "pass a list of 1-D arrays" in caplog.text
+
+
 def test_resampling_matches_native_rate():
     extractor = CATFeatureExtractor(do_normalize=False)
     native = (0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)

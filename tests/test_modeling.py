@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForAudioClassification
+from transformers import AutoConfig, AutoModel, AutoModelForAudioClassification, AutoProcessor
 
 from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CATForPreTraining, CATModel
 
@@ -305,6 +305,12 @@ def test_remote_code_loads_without_cat_hf(tmp_path, tiny_classifier_dir):
     inputs = extractor([np.sin(np.arange(16000) * 0.05).astype(np.float32)], sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, remote_logits, atol=1e-6)
+
+
+def test_auto_processor_gives_the_feature_extractor_without_asking(tiny_classifier_dir, monkeypatch):
+    """CAT has no tokenizer, so its processor is the feature extractor; no remote-code question for local folders."""
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("AutoProcessor asked whether to trust remote code"))
+    assert isinstance(AutoProcessor.from_pretrained(tiny_classifier_dir), CATFeatureExtractor)
 
 
 # -- pretraining model -------------------------------------------------------------------------------------------

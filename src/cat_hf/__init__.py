@@ -1,7 +1,7 @@
 """cat-hf: CAT, the Convolutional Audio Transformer, on the Hugging Face stack.
 
 Importing the package registers CAT with the transformers Auto classes, so that
-`AutoModel.from_pretrained(folder)`, `AutoModelForAudioClassification`, `AutoFeatureExtractor` and
+`AutoModel.from_pretrained(folder)`, `AutoModelForAudioClassification`, `AutoFeatureExtractor` (also as `AutoProcessor`) and
 `pipeline("audio-classification", model=folder)` work on CAT folders. Folders saved by this package also carry
 the model's source files and an `auto_map`, so they load with `trust_remote_code=True` where cat_hf is not installed.
 """
@@ -12,6 +12,7 @@ from transformers import (
     AutoModel,
     AutoModelForAudioClassification,
     AutoModelForPreTraining,
+    AutoProcessor,
 )
 
 from .configuration_cat import CAT_PRESETS, CATConfig
@@ -35,6 +36,9 @@ def _register() -> None:
     AutoModelForAudioClassification.register(CATConfig, CATForAudioClassification, exist_ok=True)
     AutoModelForPreTraining.register(CATConfig, CATForPreTraining, exist_ok=True)
     AutoFeatureExtractor.register(CATConfig, CATFeatureExtractor, exist_ok=True)
+    # CAT has no tokenizer, so its "processor" is the feature extractor (AutoProcessor would otherwise try the other
+    # Auto classes in turn, and AutoImageProcessor asks whether to trust the folder's remote code).
+    AutoProcessor.register(CATConfig, CATFeatureExtractor, exist_ok=True)
     # save_pretrained then writes auto_map + these source files, for trust_remote_code=True users.
     CATConfig.register_for_auto_class()
     CATModel.register_for_auto_class("AutoModel")

@@ -66,6 +66,9 @@ _ACCELERATOR_CHUNK_FRAMES = 1 << 16
 #: Kaldi's floor for the mel energies before the log (``std::numeric_limits<float>::epsilon()``).
 _LOG_FLOOR = float(torch.finfo(torch.float32).eps)
 
+#: More channels than this in a 2-D clip suggests a batch passed as one array: it is still downmixed, with a warning.
+_MAX_EXPECTED_CHANNELS = 8
+
 _PADDING_STRATEGIES = ("max_length", "longest")
 _RESAMPLE_BACKENDS = ("soxr", "torchaudio")
 
@@ -885,6 +888,12 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"{what} is a scalar, not a waveform; pass a 1-D array of samples.")
         if samples.size == 0:
             raise ValueError(f"{what} is empty (0 samples); drop it or pass real audio.")
+        if samples.ndim == 2 and min(samples.shape) > _MAX_EXPECTED_CHANNELS:
+            logger.warning(
+                f"{what} has shape {samples.shape}: read as {min(samples.shape)} channels of one clip, which are "
+                "averaged. Other transformers feature extractors read a 2-D array as a batch; for a batch of clips, "
+                "pass a list of 1-D arrays."
+            )
         mono = downmix_to_mono(samples) if samples.ndim == 2 else samples
         given = f"{mono.shape[0]} samples at {sampling_rate:g} Hz"
         if sampling_rate != self.sampling_rate:
@@ -934,8 +943,10 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
         Featurises one clip or a batch of clips.
 
         Args:
-            raw_speech: One clip (1-D array/tensor/list of floats, int16 PCM, or 2-D multi-channel array) or a
-                list of clips.
+            raw_speech: One clip (1-D array/tensor/list of floats, int16 PCM, or 2-D multi-channel array, whose
+                smaller axis is read as channels and averaged) or a list of clips. Unlike other transformers
+                feature extractors, a 2-D array is one multi-channel clip, not a batch (a warning says so beyond 8
+                channels): pass a batch as a list.
             sampling_rate: Rate of `raw_speech`; resampled to ``self.sampling_rate`` if different. Pass it: a
                 wrong rate silently gives wrong features.
             padding: ``"max_length"`` or ``"longest"``/``True``; defaults to ``self.padding``.
