@@ -80,7 +80,7 @@ def _inverted(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
         numbers = iter(f"\\{used.index(i) + 1}" if i in used else "N" for i in range(1, len(groups) + 1))
         inverse.append((
             "".join(re.escape(part) if i % 2 == 0 else groups[int(part) - 1] for i, part in enumerate(parts)),
-            re.sub(r"\([^)]*\)", lambda _: next(numbers), pattern).replace("\\.", "."),
+            re.sub(r"\([^)]*\)", lambda _, numbers=numbers: next(numbers), pattern).replace("\\.", "."),
         ))
     return inverse
 
