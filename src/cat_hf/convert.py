@@ -91,7 +91,7 @@ _HEADS = {"fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias",
           "head.weight": "classifier.weight", "head.bias": "classifier.bias"}  # fmt: skip
 
 
-def original_key(key: str, prefix: str = "") -> str:
+def _original_key(key: str, prefix: str = "") -> str:
     """The checkpoint's name for one of our state-dict keys (`prefix`: "model." in finetuning checkpoints), e.g.
     ``cat.layers.1.attention.q_proj.weight`` -> ``blocks.1.attn.qkv.weight``; the key itself if none applies."""
     def encoder_key(name: str) -> str | None:
@@ -102,7 +102,6 @@ def original_key(key: str, prefix: str = "") -> str:
             return f"blocks.{m.group(1)}.attn.qkv.{m.group(2)}"
         return _rename(name, _ORIGINAL_BLOCKS)
 
-    found = None
     if key.startswith("cat."):
         found = encoder_key(key[len("cat."):])
         found = prefix + found if found else None
@@ -411,10 +410,10 @@ def encoder_state_dict(state: dict, prefix: str = "") -> tuple[dict, list[str]]:
 
 
 def _load_strict(model: torch.nn.Module, state: dict, what: str, prefix: str = "") -> None:
-    """Load `state` (our names) into `model`, or fail naming the checkpoint's keys (`prefix` as in `original_key`)."""
+    """Load `state` (our names) into `model`, or fail naming the checkpoint's keys (`prefix` as in `_original_key`)."""
     expected = set(model.state_dict())
-    missing = sorted(original_key(k, prefix) for k in expected - set(state))
-    unexpected = sorted(original_key(k, prefix) for k in set(state) - expected)
+    missing = sorted(_original_key(k, prefix) for k in expected - set(state))
+    unexpected = sorted(_original_key(k, prefix) for k in set(state) - expected)
     if missing or unexpected:
         raise CheckpointConversionError(
             f"{what}: the checkpoint does not fit the architecture inferred from its cfg and weight shapes. Missing "
@@ -425,7 +424,7 @@ def _load_strict(model: torch.nn.Module, state: dict, what: str, prefix: str = "
         if value.shape != state[key].shape:
             part = "each third of " if re.search(r"attention\.[qkv]_proj", key) else ""  # of the fused qkv
             raise CheckpointConversionError(
-                f"{what}: {part}{original_key(key, prefix)} has shape {tuple(state[key].shape)} in the checkpoint, but "
+                f"{what}: {part}{_original_key(key, prefix)} has shape {tuple(state[key].shape)} in the checkpoint, but "
                 f"the architecture inferred from its cfg and other weights needs {tuple(value.shape)}."
             )
     model.load_state_dict(state, strict=True)
