@@ -192,6 +192,15 @@ def test_empty_class_folder_is_an_error(corpus, encoder_dir, tmp_path):
     assert_nothing_trained(out)
 
 
+def test_a_single_class_is_an_error_before_training(corpus, encoder_dir, tmp_path):
+    data = tmp_path / "sounds"
+    shutil.copytree(corpus / CLASSES[0], data / CLASSES[0])
+    out = tmp_path / "run"
+    with pytest.raises(CorpusError, match=rf"a single class \({CLASSES[0]}\).*needs at least 2"):
+        finetune(run_settings(data, encoder_dir, out))
+    assert not out.exists()
+
+
 def test_label_list_with_a_class_without_examples_is_an_error(corpus, encoder_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(CorpusError, match=r"no example in the training split: \['siren'\]"):

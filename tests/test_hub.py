@@ -321,6 +321,21 @@ def test_dry_run_uploads_nothing(hub, classifier_folder, capsys):
     assert [path for path, _ in result.files] == sorted(["README.md", *_snapshot(classifier_folder)])
 
 
+def test_training_state_and_logs_are_not_uploaded(hub, pretrained_folder, tmp_path):
+    """What cat-hf pretrain / finetune leave next to the model (resume checkpoints with optimizer state and pickled
+    RNG states, TensorBoard logs) stays local; the model and its pretraining export go up."""
+    folder = _copy(pretrained_folder, tmp_path / "run")
+    leftovers = ["checkpoints/step-0000050/optimizer.bin", "checkpoints/step-0000050/random_states_0.pkl",
+                 "checkpoints/step-0000050/model.safetensors", "tensorboard/events.out.tfevents.1",
+                 "logs/events.out.tfevents.2", "scheduler.bin", "random_states_1.pkl"]
+    for name in [*leftovers, "pretraining/model.safetensors"]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    uploaded = [path for path, _ in push_folder(folder, "test-user/cat-leftovers", dry_run=True).files]
+    assert "pretraining/model.safetensors" in uploaded and "model.safetensors" in uploaded
+    assert not set(leftovers) & set(uploaded)
+
+
 def test_failed_upload_says_what_failed_and_leaves_the_folder_intact(hub, classifier_folder):
     repo = "test-user/cat-fails"
     before = _snapshot(classifier_folder)

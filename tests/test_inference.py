@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from sklearn.metrics import average_precision_score
 
-from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification
+from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CATModel
 from cat_hf.audio import load_audio
 from cat_hf.cli import main
 from cat_hf.evaluation import UnknownLabelError, evaluate_model
@@ -236,6 +236,25 @@ def test_cli_predict_table_and_failures(multi_label_model, tmp_path, capsys):
     # Every input unreadable: non-zero exit.
     assert main(["predict", str(tmp_path / "clips" / "broken.wav"), "--model", multi_label_model]) == 1
     assert main(["predict", str(tmp_path / "clips" / "notes.txt"), "--model", multi_label_model]) == 1
+
+
+def test_models_that_cannot_classify_get_clear_errors_not_tracebacks(tmp_path, capsys):
+    """An encoder without a trained head would print confident-looking scores from random weights; a mistyped local
+    folder would get transformers' message about Hub repo ids. Both are refused, and the CLI prints one line."""
+    encoder = tmp_path / "encoder"
+    CATModel(CATConfig.from_preset("cat-tiny", num_hidden_layers=1)).save_pretrained(encoder)
+    CATFeatureExtractor().save_pretrained(encoder)
+    with pytest.raises(ValueError, match="encoder without a trained classification head.*cat-hf finetune"):
+        load_classifier(encoder)
+    with pytest.raises(FileNotFoundError, match=r"no model folder at \./nowhere"):
+        load_classifier("./nowhere")
+    clip = tmp_path / "tone.wav"
+    sf.write(clip, _tone_noise(1.0, 16000, seed=0), 16000)
+    assert main(["predict", str(clip), "--model", str(encoder)]) == 2
+    err = capsys.readouterr().err
+    assert "cat-hf predict: error:" in err and "classification head" in err and "Traceback" not in err
+    assert main(["predict", str(clip), "--model", "./nowhere", "--top-k", "0"]) == 2
+    assert "--top-k must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_help_for_predict_and_evaluate(capsys):

@@ -16,6 +16,7 @@ from synthetic_audio import CLASSES, SR, synth
 import cat_hf  # noqa: F401 - Auto-class registration
 from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CATModel
 from cat_hf.finetune import finetune, main
+from cat_hf.inference import load_classifier
 from cat_hf.lora import (
     CLASSIFIER_CONFIG_NAME,
     LoraSettings,
@@ -191,6 +192,10 @@ def test_merged_model_matches_adapter_and_serves_the_pipeline(lora_run, features
         got = merged(input_values=features).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (out / "merged" / "eval_results.json").is_file()
+    # cat-hf predict / evaluate take the adapter folder itself as well
+    from_adapter, _ = load_classifier(out, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(from_adapter(input_values=features).logits, expected, atol=1e-5, rtol=0)
 
     scores = pipeline("audio-classification", model=str(out / "merged"))(synth("tone", 0.7, np.random.default_rng(1)))
     assert {s["label"] for s in scores} == set(CLASSES)

@@ -87,6 +87,7 @@ logger = logging.getLogger(__name__)
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 SUMMARY_FILE = "training_summary.json"
 BEST_CHECKPOINT_DIR = "checkpoint-best"
+LOGS_DIR = "logs"  # the trackers' (TensorBoard) files
 MERGED_DIR = "merged"
 PROBLEM_TYPES = ("auto", SINGLE_LABEL, MULTI_LABEL)
 LOSSES = ("auto", "ce", "bce")
@@ -250,6 +251,13 @@ class FinetuneConfig:
 
         if not self.data:
             fail("No training data: set `data` (--data) to a Hub dataset name, an audiofolder, or a path,tags CSV/JSONL.")
+        if self.model:
+            from .inference import check_model_reference
+
+            try:
+                check_model_reference(self.model)
+            except FileNotFoundError as error:
+                fail(f"model: {error}")
         if self.problem_type not in PROBLEM_TYPES:
             fail(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}.")
         if self.loss not in LOSSES:
@@ -456,6 +464,12 @@ def prepare_data(config: FinetuneConfig) -> PreparedData:
         splits = [validation] + ([test] if test is not None else [])
         multi = detected == MULTI_LABEL or any(len(t) > 1 for s in splits for t in _tag_lists(s))
         problem_type = MULTI_LABEL if multi else SINGLE_LABEL
+    if problem_type == SINGLE_LABEL and len(label2id) < 2:
+        raise CorpusError(
+            f"the training data has a single class ({', '.join(label2id)}): single-label classification needs at "
+            "least 2. Add clips of other classes, or for a detector of this one tag use problem_type="
+            "'multi_label_classification' (a sigmoid per tag)."
+        )
     if problem_type == SINGLE_LABEL:
         for name, dataset in (("training", full_train), ("validation", validation), ("test", test)):
             if dataset is not None:
@@ -765,7 +779,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=list(config.report_to) or None,
-        project_dir=str(output_dir / "logs"),
+        project_dir=str(output_dir / LOGS_DIR),
     )
     set_seed(config.seed)
     started = time.time()

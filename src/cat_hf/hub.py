@@ -39,6 +39,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .finetune import LOGS_DIR
+from .pretrain import CHECKPOINTS_DIR, TENSORBOARD_PROJECT
+
 CARD_KINDS = ("pretrained", "finetuned", "lora")
 TEMPLATE_PACKAGE = "cat_hf.model_cards"
 # Source checkout fallback: <repo>/src/cat_hf/hub.py -> <repo>/model_cards
@@ -65,10 +68,12 @@ _LIBRARY_CARD_SIGNS = (
     ("This model card has been generated automatically according to the information the Trainer had access to",),
 )
 
-# Never uploaded: training leftovers that are not part of a loadable model, caches and hidden files.
-IGNORED_DIR_PATTERNS = (".*", "__pycache__", "checkpoint-*", "runs")
-IGNORED_FILE_PATTERNS = (".*", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin",
-                         "*.tmp", "*.lock")
+# Never uploaded: training leftovers that are not part of a loadable model (our trainers' resume checkpoints and logs,
+# and the Trainer's), pickles, caches and hidden files.
+IGNORED_DIR_PATTERNS = (".*", "__pycache__", "checkpoint-*", "runs", CHECKPOINTS_DIR, TENSORBOARD_PROJECT, LOGS_DIR)
+IGNORED_FILE_PATTERNS = (".*", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin", "scaler.pt",
+                         "rng_state*.pth", "random_states_*", "*.pkl", "*.pickle", "training_args.bin", "*.tmp",
+                         "*.lock")
 
 _HOUSEKEEPING_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch", "samples",
                          "num_examples", "num_samples", "model_preparation_time"}

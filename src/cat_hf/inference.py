@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -291,14 +292,37 @@ def predict_long(
     return prediction
 
 
+def check_model_reference(model_name_or_path: str | os.PathLike) -> None:
+    """FileNotFoundError for a local folder that is not there (instead of transformers' message about Hub repo ids).
+    Hub ids ("name" or "namespace/name") pass: only loading can tell whether they exist."""
+    name = os.fspath(model_name_or_path)
+    path = Path(name).expanduser()
+    is_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name) is not None
+    if not path.exists() and not is_hub_id:
+        raise FileNotFoundError(f"no model folder at {name} ({path.resolve()}); check the path.")
+
+
 def load_classifier(model_name_or_path: str | os.PathLike, device: str | None = None) -> tuple[Any, Any]:
-    """Load `(model, feature_extractor)` with the Auto classes (CAT is registered by `import cat_hf`)."""
+    """Load `(model, feature_extractor)` with the Auto classes (CAT is registered by `import cat_hf`). A LoRA adapter
+    folder (`cat-hf finetune --lora`) is loaded onto its base encoder and merged."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
     import cat_hf  # noqa: F401 - registers CATConfig/CATForAudioClassification with the Auto classes
 
     name = os.fspath(model_name_or_path)
-    model = AutoModelForAudioClassification.from_pretrained(name)
+    check_model_reference(name)
+    if Path(name, "adapter_config.json").is_file():
+        from .lora import load_lora_model
+
+        model = load_lora_model(name).merge_and_unload()
+    else:
+        model, info = AutoModelForAudioClassification.from_pretrained(name, output_loading_info=True)
+        if any(key.startswith("classifier.") for key in info["missing_keys"]):
+            raise ValueError(
+                f"{name} is an encoder without a trained classification head (its weights have no classifier); "
+                f"finetune it on labelled audio first (cat-hf finetune --model {name} ...), or use AutoModel for "
+                "embeddings."
+            )
     feature_extractor = AutoFeatureExtractor.from_pretrained(name)
     model.to(resolve_device(device)).eval()
     return model, feature_extractor
