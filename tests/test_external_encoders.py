@@ -312,6 +312,7 @@ def test_check_embedding_dim_names_both_sizes_and_the_field(models):
         encoder.check_embedding_dim(config.rr_embedding_dim)
     message = str(err.value)
     assert "24" in message and "512" in message and "rr_embedding_dim: 24" in message
+    assert "--set model.rr_embedding_dim=24" in message  # the command line's spelling
     with pytest.raises(EmbeddingDimMismatchError, match="rr_embedding_dim=None"):
         encoder.check_embedding_dim(None)
 

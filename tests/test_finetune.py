@@ -231,6 +231,10 @@ def test_settings_errors_name_the_setting(tmp_path):
         FinetuneConfig(data="x", model="m", lora=True, linear_probe=True).validate()
     with pytest.raises(FinetuneConfigError, match="No training data"):
         FinetuneConfig().validate()
+    with pytest.raises(FinetuneConfigError, match=r"warmup_steps \(8\) must be .* below max_steps \(5\); lower --warmup"):
+        FinetuneConfig(data="x", warmup_steps=8, max_steps=5).validate()
+    with pytest.raises(FinetuneConfigError, match=r"model: no model folder at \./no-such-encoder"):
+        FinetuneConfig(data="x", model="./no-such-encoder").validate()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(FinetuneConfigError, match="overwrite_output_dir"):

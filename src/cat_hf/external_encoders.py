@@ -138,13 +138,15 @@ class ExternalEncoder(abc.ABC):
             raise EmbeddingDimMismatchError(
                 f"The model has no Representation Regularization projector ({field}=None) but an external "
                 f"encoder {self.name!r} ({self.embedding_dim}-d) was given; set `{field}: {self.embedding_dim}` "
-                "in the model config, or drop the external encoder."
+                f"in the model config (cat-hf pretrain: --set model.{field}={self.embedding_dim}), or drop the "
+                "external encoder."
             )
         if int(expected) != int(self.embedding_dim):
             raise EmbeddingDimMismatchError(
                 f"External encoder {self.name!r} gives {self.embedding_dim}-d embeddings but the student's RR "
                 f"projector outputs {expected}-d vectors; set `{field}: {self.embedding_dim}` in the model "
-                f"config (or choose an encoder whose embeddings are {expected}-d)."
+                f"config (cat-hf pretrain: --set model.{field}={self.embedding_dim}), or choose an encoder whose "
+                f"embeddings are {expected}-d."
             )
 
     def prepare(self, waveforms: Waveforms, sampling_rate: int = INPUT_SAMPLING_RATE) -> list[np.ndarray]:

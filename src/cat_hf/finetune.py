@@ -270,7 +270,8 @@ class FinetuneConfig:
             if int(getattr(self, name)) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not 0 <= self.warmup_steps < self.max_steps:
-            fail(f"warmup_steps ({self.warmup_steps}) must be >= 0 and below max_steps ({self.max_steps}).")
+            fail(f"warmup_steps ({self.warmup_steps}) must be >= 0 and below max_steps ({self.max_steps}); lower "
+                 "--warmup-steps (the recipe sets it) or raise --max-steps.")
         if not 0 < self.learning_rate or not 0 <= self.min_learning_rate <= self.learning_rate:
             fail(f"Need 0 < learning_rate and 0 <= min_learning_rate <= learning_rate; got {self.learning_rate} and "
                  f"{self.min_learning_rate}.")  # fmt: skip
