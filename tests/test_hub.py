@@ -438,6 +438,35 @@ def test_lora_adapter_card_and_peft_load(hub, classifier_folder, tmp_path):
         assert not torch.allclose(reloaded(input_values=x).logits, base_logits, atol=1e-4)  # the adapter acts
 
 
+def test_cat_lora_adapter_card_code_runs_as_written(hub, pretrained_folder, tmp_path):
+    """A cat-hf adapter (with classifier_config.json: labels and head size) on a base encoder from the Hub: the
+    card's "How to use" code, executed as written, rebuilds the finetuned classifier."""
+    import re
+
+    from cat_hf.lora import add_lora, save_lora_adapter
+
+    push_folder(pretrained_folder, "test-user/cat-encoder-base")
+    labels = dict(id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)})
+    torch.manual_seed(2)
+    classifier = CATForAudioClassification.from_pretrained("test-user/cat-encoder-base", num_labels=3, **labels)
+    adapted = add_lora(classifier, verbose=False)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(generator=torch.Generator().manual_seed(4))
+    adapter_dir = save_lora_adapter(adapted, tmp_path / "adapter", CATFeatureExtractor())
+    push_folder(adapter_dir, "test-user/cat-encoder-lora")
+
+    card = hub.repo_files("test-user/cat-encoder-lora")["README.md"].decode()
+    assert "`dog`, `rain`, `sea_waves`" in card  # labels read from classifier_config.json
+    code = re.search(r"## How to use\n\n```python\n(.*?)```", card, re.S).group(1)
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - the card's own snippet, against the local test Hub
+    x = _input(seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"].eval()(input_values=x).logits, adapted.eval()(input_values=x).logits)
+
+
 def test_cli_push(hub, classifier_folder, capsys, monkeypatch):
     from cat_hf import cli
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .finetune import LOGS_DIR
+from .lora import CLASSIFIER_CONFIG_NAME
 from .pretrain import CHECKPOINTS_DIR, TENSORBOARD_PROJECT
 
 CARD_KINDS = ("pretrained", "finetuned", "lora")
@@ -585,7 +586,7 @@ def _is_cat(config: dict, adapter: dict) -> bool:
 
 
 def _usage_section(kind: str, repo_id: str, config: dict, adapter: dict, base_model: str | None,
-                   labels: list[str]) -> str:
+                   labels: list[str], has_classifier_config: bool = False) -> str:
     is_cat = _is_cat(config, adapter)
     has_code = "auto_map" in config
     # With cat-hf installed, `import cat_hf` registers the classes; repos that carry the model code (auto_map)
@@ -610,13 +611,29 @@ def _usage_section(kind: str, repo_id: str, config: dict, adapter: dict, base_mo
         more = "`AutoModelForAudioClassification.from_pretrained(repo)` gives the model itself."
     else:
         base = base_model or "BASE_MODEL"
-        label_kwargs = f", num_labels={len(labels)}" if labels else ""
-        code = (
-            f"{register}from peft import PeftModel\nfrom transformers import AutoModelForAudioClassification\n"
-            f'model = PeftModel.from_pretrained(AutoModelForAudioClassification.from_pretrained("{base}"'
-            f'{label_kwargs}), "{repo_id}")\n'
-        )
+        if has_classifier_config:  # the head's config (labels, size) travels with the adapter
+            code = (
+                f"{register}from huggingface_hub import hf_hub_download\nfrom peft import PeftModel\n"
+                "from transformers import AutoConfig, AutoModelForAudioClassification\n\n"
+                f'config = AutoConfig.from_pretrained(hf_hub_download("{repo_id}", "{CLASSIFIER_CONFIG_NAME}"))\n'
+                f'base = AutoModelForAudioClassification.from_pretrained("{base}", config=config)\n'
+                f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+            )
+        else:
+            label_kwargs = f", num_labels={len(labels)}" if labels else ""
+            code = (
+                f"{register}from peft import PeftModel\nfrom transformers import AutoModelForAudioClassification\n"
+                f'model = PeftModel.from_pretrained(AutoModelForAudioClassification.from_pretrained("{base}"'
+                f'{label_kwargs}), "{repo_id}")\n'
+            )
         more = "`model.merge_and_unload()` folds the adapter into the base weights."
+        if base_model is None:
+            local = adapter.get("base_model_name_or_path")
+            more += (
+                " `BASE_MODEL` is the encoder the adapter was trained on"
+                + (f" (here the local folder `{Path(local).name}`): push it too and use its repository id." if local
+                   else ".")
+            )
     if has_code and is_cat:
         more += (
             " Without cat-hf installed, drop `import cat_hf` and pass `trust_remote_code=True`: the repository "
@@ -627,7 +644,7 @@ def _usage_section(kind: str, repo_id: str, config: dict, adapter: dict, base_mo
 
 def _labels_section(labels: list[str], kind: str, limit: int = 40) -> str:
     if not labels and kind == "lora":
-        return "the classes of its classification head, named in the base model's `config.json` (`id2label`)."
+        return f"the classes of its classification head (`id2label` in `{CLASSIFIER_CONFIG_NAME}`)."
     if not labels:
         return "(the class names are not stored in this folder's `config.json`)"
     shown = ", ".join(f"`{label}`" for label in labels[:limit])
@@ -637,7 +654,7 @@ def _labels_section(labels: list[str], kind: str, limit: int = 40) -> str:
 
 
 def _adapter_section(adapter: dict, param_count: int | None) -> str:
-    lines = [f"- **Base model:** `{adapter.get('base_model_name_or_path') or 'not recorded'}`"]
+    lines = [f"- **Base model:** `{_public_text(adapter.get('base_model_name_or_path') or 'not recorded')}`"]
     if adapter.get("peft_type"):
         lines.append(f"- **Method:** {adapter['peft_type']}, rank r = {adapter.get('r')}, alpha = "
                      f"{adapter.get('lora_alpha')}, dropout = {adapter.get('lora_dropout')}")
@@ -685,7 +702,9 @@ def render_model_card(folder: str | os.PathLike, kind: str | None = None, *, rep
     adapter = _read_json_if_present(folder / "adapter_config.json") or {}
     weights = sorted(folder.glob("*.safetensors"))
     param_count = sum(_safetensors_parameter_count(p) for p in weights) if weights else None
-    labels = _real_labels(config)
+    # An adapter folder keeps its classifier's config (labels, head size) beside the adapter (cat_hf.lora).
+    classifier_config = _read_json_if_present(folder / CLASSIFIER_CONFIG_NAME) if kind == "lora" else None
+    labels = _real_labels(config or classifier_config)
     facts, _, _ = read_training_record(folder)
 
     # ---- metadata
@@ -760,7 +779,7 @@ def render_model_card(folder: str | os.PathLike, kind: str | None = None, *, rep
         description = f"A {what} audio classifier{from_}{trained_on}."
     else:
         base_name = adapter.get("base_model_name_or_path")
-        on_base = f" for `{base_name}`" if base_name else ""
+        on_base = f" for `{_public_text(base_name)}`" if base_name else ""
         description = (
             f"A LoRA adapter{on_base}: a {what} audio classifier fine-tuned{trained_on} with low-rank updates."
         )
@@ -770,14 +789,14 @@ def render_model_card(folder: str | os.PathLike, kind: str | None = None, *, rep
         "description": description,
         "architecture": _architecture_section(config, param_count) if config else "",
         "adapter": _adapter_section(adapter, param_count) if adapter else "",
-        "base_model": adapter.get("base_model_name_or_path") or base_model or "not recorded",
+        "base_model": _public_text(adapter.get("base_model_name_or_path") or base_model or "not recorded"),
         "labels": _labels_section(labels, kind),
         "classes": f"the {len(labels)} classes" if labels else "the classes",
         "input_spec": _input_section(folder, kind, adapter.get("base_model_name_or_path") or base_model),
         "training": _training_section(folder, kind),
         "evaluation": _evaluation_section(results, folder),
-        "usage": _usage_section(kind, repo_id, config, adapter, adapter.get("base_model_name_or_path") or base_model,
-                                labels),
+        "usage": _usage_section(kind, repo_id, config, adapter, base_model, labels,
+                                has_classifier_config=classifier_config is not None),
     }
     values.update({k: str(v) for k, v in overrides.items() if k in fields})
     missing = [f for f in fields if f not in values]
