@@ -299,6 +299,17 @@ def test_push_to_a_branch(hub, classifier_folder, tmp_path):
     assert info.value.status_code == 404 and "no-such-branch" not in hub.branches(repo)
 
 
+def test_a_new_branch_of_the_same_files_is_not_reported_as_a_push(hub, classifier_folder, capsys):
+    from cat_hf import cli
+
+    repo = "test-user/cat-same-files"
+    first = push_folder(classifier_folder, repo)
+    copy = push_folder(classifier_folder, repo, revision="copy")
+    assert copy.branch_created and not copy.changed and copy.commit_oid == first.commit_oid
+    assert cli.main(["push", str(classifier_folder), repo, "--revision", "copy-2"]) == 0
+    assert "Nothing to push: new branch test-user/cat-same-files @ copy-2" in capsys.readouterr().out
+
+
 def test_repo_id_without_namespace_goes_to_the_token_user(hub, pretrained_folder):
     result = push_folder(pretrained_folder, "cat-short-name")
     assert result.repo_id == "test-user/cat-short-name"

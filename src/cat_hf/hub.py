@@ -983,6 +983,8 @@ def push_folder(
     if revision not in heads and create_branch:
         with _step("create branch", repo_id, folder, endpoint):
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+            # the new branch starts at the default branch's head: the upload changes nothing if the files are the same
+            heads = {b.name: b.target_commit for b in api.list_repo_refs(repo_id, repo_type="model").branches}
         result.branch_created = True
 
     operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)) for path, local in uploads]
@@ -1043,7 +1045,9 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"Pushed {len(result.files)} files ({_format_bytes(result.total_bytes)}) to {result.repo_id} "
               f"@ {result.revision}: {result.commit_url}")
     else:
-        print(f"Nothing to push: {result.repo_id} @ {result.revision} already holds these files ({result.commit_url}).")
+        created = "new branch " if result.branch_created else ""
+        print(f"Nothing to push: {created}{result.repo_id} @ {result.revision} already holds these files "
+              f"({result.commit_url}).")
     return 0
 
 
