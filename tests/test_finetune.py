@@ -93,6 +93,7 @@ def test_full_finetune_learns_and_exports_a_pipeline_folder(corpus, encoder_dir,
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["labels"] == list(CLASSES) and summary["data"]["validation"]["num_clips"] == 12
     assert summary["layer_decay"] == 0.65 and summary["trainable_share"] == 1.0
+    assert summary["epochs"] == round(60 * 8 / summary["data"]["train"]["num_clips"], 3)  # 480 clips seen / 36
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert eval_results["metrics"]["accuracy"] == pytest.approx(result["eval_results"]["accuracy"])
     assert not (out / "checkpoint-best").exists()

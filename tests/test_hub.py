@@ -25,6 +25,7 @@ from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification, CA
 from cat_hf.hub import (  # noqa: E402
     CARD_KINDS,
     HubPushError,
+    _format_params,
     ModelFolderError,
     infer_card_kind,
     load_card_template,
@@ -178,6 +179,9 @@ def test_pretrained_card_has_no_model_index_without_measurements(pretrained_fold
     assert "No evaluation was recorded" in card.text
     assert "No training record was found" in card.text
     assert 'AutoModel.from_pretrained("test-user/cat-tiny-encoder")' in card.text
+    # learned parameters only: the saved sin-cos position table is a buffer
+    learned = sum(p.numel() for p in CATModel.from_pretrained(pretrained_folder).parameters())
+    assert f"**Parameters:** {_format_params(learned)} (" in card.text
 
 
 def test_card_reads_nested_run_config_and_hides_local_paths(pretrained_folder, tmp_path):

@@ -159,6 +159,7 @@ def test_add_lora_rejects_unknown_modules():
 def test_adapter_folder_is_small_and_self_describing(lora_run, encoder_dir):
     out, result, printed = lora_run
     assert "lora: trainable params:" in printed
+    assert f"merged model (for pipeline) in {out / 'merged'}" in printed
     assert result["mode"] == "lora" and result["trainable_share"] < 0.05 and result["layer_decay"] == 1.0
     for name in ("adapter_model.safetensors", "adapter_config.json", CLASSIFIER_CONFIG_NAME,
                  "preprocessor_config.json", "training_summary.json", "eval_results.json"):  # fmt: skip

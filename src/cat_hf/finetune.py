@@ -948,7 +948,9 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
             "best_step": best["step"],
             "best_metric": best[metric],
             "steps": step,
-            "epochs": epoch,
+            # passes over the training clips, as the pretraining summary counts them (not the loader restarts)
+            "epochs": round(step * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+                            / len(data.train), 3),
             "train_runtime_s": round(time.time() - started, 1),
             "hardware": describe_hardware(accelerator),
             "layer_decay": layer_decay,
@@ -981,8 +983,10 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
         result = {**summary, "output_dir": str(output_dir), "eval_results": eval_results["metrics"]}
         if config.merge:
             result["merged_dir"] = str(merge_lora(output_dir, output_dir / MERGED_DIR))
+        where = f"adapter in {output_dir}, merged model (for pipeline) in {result['merged_dir']}" if config.merge \
+            else f"model in {output_dir}"
         accelerator.print(f"best validation {metric} {best[metric]} at step {best['step']}; final {split_name} "
-                          f"{eval_results['metrics']}; model in {output_dir}")  # fmt: skip
+                          f"{eval_results['metrics']}; {where}")  # fmt: skip
     accelerator.wait_for_everyone()
     return result
 

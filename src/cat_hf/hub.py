@@ -137,8 +137,9 @@ def _read_json_if_present(path: Path) -> Any:
     return _read_json(path) if path.is_file() else None
 
 
-def _safetensors_parameter_count(path: Path) -> int:
-    """Parameters stored in a .safetensors file, from its header (no tensor is loaded); checks the file is whole."""
+def _safetensors_parameter_count(path: Path, fixed_buffers: Sequence[str] = ()) -> int:
+    """Parameters stored in a .safetensors file, from its header (no tensor is loaded); checks the file is whole.
+    Tensors whose names end with one of `fixed_buffers` (saved, but not learned) are not counted."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -149,7 +150,8 @@ def _safetensors_parameter_count(path: Path) -> int:
         data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + header_len + data_end > size:
             raise ValueError(f"tensors end at byte {8 + header_len + data_end} but the file has {size} bytes")
-        return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        return sum(math.prod(v["shape"]) for k, v in header.items()
+                   if k != "__metadata__" and not k.endswith(tuple(fixed_buffers)))
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise ModelFolderError(
             f"{path} is not a valid safetensors file ({e}); it may be truncated: re-save the model with "
@@ -701,7 +703,9 @@ def render_model_card(folder: str | os.PathLike, kind: str | None = None, *, rep
     config = _read_json_if_present(folder / "config.json") or {}
     adapter = _read_json_if_present(folder / "adapter_config.json") or {}
     weights = sorted(folder.glob("*.safetensors"))
-    param_count = sum(_safetensors_parameter_count(p) for p in weights) if weights else None
+    # CAT saves its fixed sin-cos position table (fp16 checkpoints store it rounded); it is not a parameter.
+    fixed = ("embeddings.position_embeddings",) if config.get("model_type") == "cat" else ()
+    param_count = sum(_safetensors_parameter_count(p, fixed) for p in weights) if weights else None
     # An adapter folder keeps its classifier's config (labels, head size) beside the adapter (cat_hf.lora).
     classifier_config = _read_json_if_present(folder / CLASSIFIER_CONFIG_NAME) if kind == "lora" else None
     labels = _real_labels(config or classifier_config)
