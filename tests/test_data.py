@@ -295,7 +295,7 @@ def test_clip_dataset_skips_and_counts_bad_files_through_a_dataloader(audiofolde
 
     caplog.set_level(logging.WARNING, logger="cat_hf.data")
     assert clips[[_audio_paths(ds).index(str(audiofolder / "cat" / "corrupt.wav"))][0]] is None
-    assert clips.num_skipped == 1 and "1 clip(s) skipped so far" in caplog.text and "corrupt.wav" in caplog.text
+    assert clips.num_skipped == 1 and "1 skip(s) so far" in caplog.text and "corrupt.wav" in caplog.text
     clips.reset_skipped()
 
     loader = DataLoader(clips, batch_size=3, num_workers=2, persistent_workers=True, collate_fn=collate_skip_bad)

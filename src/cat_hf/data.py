@@ -894,7 +894,7 @@ class _ClipMixin:
         if count <= self.max_warnings or count & (count - 1) == 0:  # first few, then at powers of two
             reason = err.reason if isinstance(err, AudioDecodeError) else f"{type(err).__name__}: {err}"
             logger.warning(
-                "Skipping clip %d (%s): %s. %d clip(s) skipped so far.",
+                "Skipping clip %d (%s): %s. %d skip(s) so far (an unreadable file counts each time it comes up).",
                 position, describe_audio_source(source), reason, count,
             )  # fmt: skip
 
