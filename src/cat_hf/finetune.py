@@ -983,8 +983,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
         result = {**summary, "output_dir": str(output_dir), "eval_results": eval_results["metrics"]}
         if config.merge:
             result["merged_dir"] = str(merge_lora(output_dir, output_dir / MERGED_DIR))
-        where = f"adapter in {output_dir}, merged model (for pipeline) in {result['merged_dir']}" if config.merge \
-            else f"model in {output_dir}"
+        where = (f"adapter in {output_dir}, merged model (for pipeline) in {result['merged_dir']}" if config.merge
+                 else f"model in {output_dir}")
         accelerator.print(f"best validation {metric} {best[metric]} at step {best['step']}; final {split_name} "
                           f"{eval_results['metrics']}; {where}")  # fmt: skip
     accelerator.wait_for_everyone()

@@ -309,11 +309,11 @@ def load_classifier(model_name_or_path: str | os.PathLike, device: str | None = 
 
     import cat_hf  # noqa: F401 - registers CATConfig/CATForAudioClassification with the Auto classes
 
+    from .lora import ADAPTER_CONFIG_NAME, load_lora_model
+
     name = os.fspath(model_name_or_path)
     check_model_reference(name)
-    if Path(name, "adapter_config.json").is_file():
-        from .lora import load_lora_model
-
+    if Path(name, ADAPTER_CONFIG_NAME).is_file():
         model = load_lora_model(name).merge_and_unload()
     else:
         model, info = AutoModelForAudioClassification.from_pretrained(name, output_loading_info=True)
