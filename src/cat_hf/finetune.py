@@ -80,14 +80,13 @@ from .data import (
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .files import atomic_write_json, write_folder_atomically
 from .lora import DEFAULT_MODULES_TO_SAVE, DEFAULT_TARGET_MODULES
-from .pretrain import describe_hardware
+from .pretrain import LOGS_DIR, describe_hardware
 
 logger = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 SUMMARY_FILE = "training_summary.json"
 BEST_CHECKPOINT_DIR = "checkpoint-best"
-LOGS_DIR = "logs"  # the trackers' (TensorBoard) files
 MERGED_DIR = "merged"
 PROBLEM_TYPES = ("auto", SINGLE_LABEL, MULTI_LABEL)
 LOSSES = ("auto", "ce", "bce")

@@ -39,9 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .finetune import LOGS_DIR
 from .lora import CLASSIFIER_CONFIG_NAME
-from .pretrain import CHECKPOINTS_DIR, TENSORBOARD_PROJECT
+from .pretrain import CHECKPOINTS_DIR, LOGS_DIR, TENSORBOARD_PROJECT
 
 CARD_KINDS = ("pretrained", "finetuned", "lora")
 TEMPLATE_PACKAGE = "cat_hf.model_cards"

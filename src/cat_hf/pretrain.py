@@ -67,6 +67,9 @@ CONFIG_FILE = "pretrain_config.yaml"
 SUMMARY_FILE = "training_summary.json"
 TRAINER_STATE_FILE = "trainer_state-rank{rank}.json"
 TENSORBOARD_PROJECT = "tensorboard"
+#: cat-hf finetune's tracker folder; defined here, beside the other run-output names, so that `hub` (which skips these
+#: folders on push) needs no import of the finetuning module and its `datasets` dependency.
+LOGS_DIR = "logs"
 
 #: Kaldi frames of CATFeatureExtractor at 16 kHz: 25 ms window, 10 ms shift. A clip needs one whole window;
 #: shorter ones are treated as unusable.
