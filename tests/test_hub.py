@@ -34,7 +34,18 @@ from cat_hf.hub import (  # noqa: E402
 )
 
 LABELS = ["dog", "rain", "sea_waves"]
-TINY = dict(num_hidden_layers=1)  # cat-tiny with one block: a few MB, fast on CPU
+TINY = dict(num_hidden_layers=1)
+# Prepended to scripts that play a Hub user without cat-hf: any import of cat_hf fails.
+BLOCK_CAT_HF = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _BlockCatHf(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "cat_hf" or name.startswith("cat_hf."):
+                raise ImportError("cat_hf is blocked: this script plays a user without cat-hf")
+    sys.meta_path.insert(0, _BlockCatHf())
+    """
+)  # cat-tiny with one block: a few MB, fast on CPU
 
 # What cat_hf.evaluation writes (its eval_results.json document, trimmed to the fields the card reads + extras).
 EVAL_DOCUMENT = {
@@ -474,12 +485,32 @@ def test_cat_lora_adapter_card_code_runs_as_written(hub, pretrained_folder, tmp_
 
     card = hub.repo_files("test-user/cat-encoder-lora")["README.md"].decode()
     assert "`dog`, `rain`, `sea_waves`" in card  # labels read from classifier_config.json
-    code = re.search(r"## How to use\n\n```python\n(.*?)```", card, re.S).group(1)
+    with_package, without_package = re.findall(r"```python\n(.*?)```", card.split("## How to use")[1], re.S)[:2]
     namespace: dict = {}
-    exec(code, namespace)  # noqa: S102 - the card's own snippet, against the local test Hub
+    exec(with_package, namespace)  # noqa: S102 - the card's own snippet, against the local test Hub
     x = _input(seed=6)
     with torch.no_grad():
-        torch.testing.assert_close(namespace["model"].eval()(input_values=x).logits, adapted.eval()(input_values=x).logits)
+        expected = adapted.eval()(input_values=x).logits
+        torch.testing.assert_close(namespace["model"].eval()(input_values=x).logits, expected)
+
+    # The second snippet, for Hub users without cat-hf: a fresh Python in which cat_hf cannot be imported.
+    assert "import cat_hf" not in without_package and "trust_remote_code=True" in without_package
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    script = BLOCK_CAT_HF + without_package + textwrap.dedent(
+        f"""
+        import torch
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        assert "cat_hf" not in type(model.base_model.model).__module__
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(input_values=io["x"]).logits, io["expected"])
+        print("same logits")
+        """
+    )
+    env = {**os.environ, **hub.client_env(), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same logits" in done.stdout
 
 
 def test_cli_push(hub, classifier_folder, capsys, monkeypatch):

@@ -635,7 +635,21 @@ def _usage_section(kind: str, repo_id: str, config: dict, adapter: dict, base_mo
                 + (f" (here the local folder `{Path(local).name}`): push it too and use its repository id." if local
                    else ".")
             )
-    if has_code and is_cat:
+    if has_code and is_cat and kind == "lora" and has_classifier_config:
+        # The adapter repository holds no model code; the base repository's code defines the config class that
+        # reads the head's config.
+        more += (
+            "\n\nWithout cat-hf installed, the base repository's own code (`trust_remote_code=True`) defines the "
+            "classes:\n\n```python\n"
+            "from huggingface_hub import hf_hub_download\nfrom peft import PeftModel\n"
+            "from transformers import AutoConfig, AutoModelForAudioClassification\n\n"
+            f'config_class = type(AutoConfig.from_pretrained("{base}", trust_remote_code=True))\n'
+            f'config = config_class.from_json_file(hf_hub_download("{repo_id}", "{CLASSIFIER_CONFIG_NAME}"))\n'
+            f'base = AutoModelForAudioClassification.from_pretrained("{base}", config=config, '
+            "trust_remote_code=True)\n"
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")\n```'
+        )
+    elif has_code and is_cat:
         more += (
             " Without cat-hf installed, drop `import cat_hf` and pass `trust_remote_code=True`: the repository "
             "carries the model code."
@@ -798,7 +812,8 @@ def render_model_card(folder: str | os.PathLike, kind: str | None = None, *, rep
         "input_spec": _input_section(folder, kind, adapter.get("base_model_name_or_path") or base_model),
         "training": _training_section(folder, kind),
         "evaluation": _evaluation_section(results, folder),
-        "usage": _usage_section(kind, repo_id, config, adapter, base_model, labels,
+        # An adapter's head config stands for its base's (model type, whether cat-hf saved code with it).
+        "usage": _usage_section(kind, repo_id, config or classifier_config or {}, adapter, base_model, labels,
                                 has_classifier_config=classifier_config is not None),
     }
     values.update({k: str(v) for k, v in overrides.items() if k in fields})
