@@ -80,9 +80,13 @@ def run_settings(data, encoder_dir: Path, output_dir: Path, **overrides) -> dict
 # End-to-end runs
 
 
-def test_full_finetune_learns_and_exports_a_pipeline_folder(corpus, encoder_dir, tmp_path):
+def test_full_finetune_learns_and_exports_a_pipeline_folder(corpus, encoder_dir, tmp_path, capfd):
     out = tmp_path / "run"
     result = finetune(run_settings(corpus, encoder_dir, out, max_steps=60, warmup_steps=6, eval_steps=20))
+    printed = capfd.readouterr()
+    # One line on the new head instead of transformers' table of "missing" head weights.
+    assert f"model: encoder from {encoder_dir}, new classification head for 3 labels (it has none)" in printed.out
+    assert "LOAD REPORT" not in printed.err + printed.out
 
     # 12 held-out clips, 3 balanced classes: chance is 1/3.
     assert result["problem_type"] == "single_label_classification" and result["loss"] == "ce"
@@ -349,3 +353,23 @@ def test_cli_help(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "--lora" in text and "--linear-probe" in text and "--merge" in text and "--config" in text
+
+
+def test_loading_note_names_the_head_and_warns_about_missing_encoder_weights(caplog):
+    from cat_hf.finetune import describe_loading
+
+    labels = {0: "dog", 1: "rain"}
+    nothing = dict(missing_keys=set(), mismatched_keys=set(), unexpected_keys=set())
+    assert describe_loading("clf", nothing, 2, labels, labels) == "model: encoder from clf, its head kept (same classes)"
+    assert "(its head has other classes or another order)" in describe_loading(
+        "clf", nothing, 2, {0: "rain", 1: "dog"}, labels)
+    assert "(its head's classes are not recorded)" in describe_loading("org/clf", nothing, 2, None, labels)
+    resized = dict(nothing, mismatched_keys={("classifier.weight", (5, 192), (2, 192))})
+    assert "(its head has another size)" in describe_loading("clf", resized, 2, None, labels)
+    assert not caplog.records
+
+    foreign = dict(nothing, missing_keys={"classifier.weight", "cat.layers.0.mlp.fc1.weight"},
+                   unexpected_keys={"teacher.layers.0.fc1.weight", "decoder.proj.weight", "decoder.proj.bias"})
+    note = describe_loading("other", foreign, 2, None, labels)
+    assert note == "model: encoder from other, new classification head for 2 labels (it has none); not used: decoder (2), teacher (1)"
+    assert "1 encoder weights are not in other and start from random values: cat.layers.0.mlp.fc1.weight" in caplog.text

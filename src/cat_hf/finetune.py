@@ -42,6 +42,7 @@ full finetuning and 1.0 (no decay) for LoRA and the linear probe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -533,22 +534,83 @@ def build_model(config: FinetuneConfig, data: PreparedData):
                         problem_type=data.problem_type)  # fmt: skip
     if config.model:
         source_labels = _source_id2label(config.model)
-        model = CATForAudioClassification.from_pretrained(
-            config.model, ignore_mismatched_sizes=True, drop_path_rate=config.drop_path_rate, **label_kwargs
-        )
-        if source_labels != {i: label for i, label in data.id2label.items()}:
-            # Same shape but other classes (or another order): the old head would silently mislabel.
+        with _load_report_hidden():
+            model, loading = CATForAudioClassification.from_pretrained(
+                config.model, ignore_mismatched_sizes=True, drop_path_rate=config.drop_path_rate,
+                output_loading_info=True, **label_kwargs,
+            )
+        if source_labels != dict(data.id2label):
+            # Same shape but other (or unknown) classes, or another order: the old head would silently mislabel.
             with torch.no_grad():
                 torch.nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
                 torch.nn.init.zeros_(model.classifier.bias)
+        note = describe_loading(config.model, loading, len(data.label2id), source_labels, dict(data.id2label))
     else:
         logger.warning("No pretrained model given: training preset %s from scratch.", config.preset)
         model = CATForAudioClassification(
             CATConfig.from_preset(config.preset, drop_path_rate=config.drop_path_rate, **label_kwargs)
         )
+        note = f"model: {config.preset} from scratch (random weights)"
     if config.activation_checkpointing:  # before any LoRA wrapping, so that PEFT hooks the stem for it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return model, note
+
+
+_HEAD_PREFIXES = ("fc_norm.", "classifier.")
+
+
+class _HideLoadReport(logging.Filter):
+    """Drops transformers' LOAD REPORT table; `describe_loading` says the same in one line, and warns when it matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _load_report_hidden():
+    # A filter, not a log level: transformers checks that logger's level to decide on other warnings.
+    report_logger, hide = logging.getLogger("transformers.modeling_utils"), _HideLoadReport()
+    report_logger.addFilter(hide)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(hide)
+
+
+def describe_loading(
+    source: str,
+    loading: Mapping[str, Any],
+    num_labels: int,
+    source_labels: Mapping[int, str] | None,
+    labels: Mapping[int, str],
+) -> str:
+    """One line on what `from_pretrained` took from `source`; a warning for encoder weights it did not find.
+
+    An encoder folder has no head (fc_norm + classifier): a new one is the expected case, not worth a table.
+    """
+    missing = set(loading["missing_keys"])
+    resized = {key for key, *_ in loading["mismatched_keys"]}
+    missing_encoder = sorted(key for key in missing if not key.startswith(_HEAD_PREFIXES))
+    if missing_encoder:
+        shown = ", ".join(missing_encoder[:6]) + (f" and {len(missing_encoder) - 6} more" if len(missing_encoder) > 6 else "")
+        logger.warning(
+            "%d encoder weights are not in %s and start from random values: %s. Is it a CAT model folder?",
+            len(missing_encoder), source, shown,
+        )
+    if any(key.startswith(_HEAD_PREFIXES) for key in missing):
+        reason = "it has none"
+    elif resized:
+        reason = "its head has another size"
+    elif source_labels is None:
+        reason = "its head's classes are not recorded"
+    elif source_labels != labels:
+        reason = "its head has other classes or another order"
+    else:
+        reason = None
+    head = f"new classification head for {num_labels} labels ({reason})" if reason else "its head kept (same classes)"
+    ignored = Counter(key.split(".", 1)[0] for key in loading["unexpected_keys"])
+    unused = f"; not used: {', '.join(f'{prefix} ({count})' for prefix, count in sorted(ignored.items()))}" if ignored else ""
+    return f"model: encoder from {source}, {head}{unused}"
 
 
 def _source_id2label(model: str) -> dict[int, str] | None:
@@ -800,7 +862,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     # 2. Model -------------------------------------------------------------------------------------------------
     feature_extractor = build_feature_extractor(config)
-    model = build_model(config, data)
+    model, loading_note = build_model(config, data)
+    accelerator.print(loading_note)
     num_layers = model.config.num_hidden_layers
     if config.lora:
         model = add_lora(model, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
