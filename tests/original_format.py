@@ -117,7 +117,8 @@ def finetuning_checkpoint(classifier, labels: list[str], *, esc50: bool = False,
     state["head.bias"] = classifier.classifier.bias.detach().half().clone()
     pretrain_cfg = {"model": model_cfg(config, add_conv=config.stem_type == "multires")}
     cfg = {"model": {"_name": "mae_image_classification", "num_classes": len(labels), "prediction_mode":
-                     "CLS_TOKEN" if config.pooling == "cls" else "MEAN_POOLING", "use_fc_norm": True,
+                     {"cls": "CLS_TOKEN", "mean": "MEAN_POOLING", "lin_softmax": "LIN_SOFTMAX"}[config.pooling],
+                     "use_fc_norm": True,
                      "drop_path_rate": 0.1, "audio_mae": True, "esc50_eval": esc50, "target_length": target_length,
                      "linear_layer": 0,
                      "pretrained_model_args": copy.deepcopy(pretrain_cfg)},

@@ -223,6 +223,24 @@ def test_teacher_of_ema_encoder_only_runs_on_the_student_embeddings(tmp_path):
         convert_checkpoint(tmp_path / "incomplete.pt", tmp_path / "c")
 
 
+@pytest.mark.parametrize("stem_type", ["multires", "patch"])
+def test_teacher_without_its_own_stem_runs_on_the_student_stem(tmp_path, stem_type, caplog):
+    """ema_local_encoder=false: `_ema` still holds a copy of the stem, but the original teacher reads the student's
+    stem output (then its own positions, CLS, context norm and blocks)."""
+    model = fp16_rounded(small_pretraining_model(stem_type, seed=5))
+    checkpoint = pretraining_checkpoint(model)
+    checkpoint["cfg"]["model"]["modalities"]["image"]["ema_local_encoder"] = False
+    torch.save(checkpoint, tmp_path / "shared_stem.pt")
+    teacher = AutoModel.from_pretrained(convert_checkpoint(tmp_path / "shared_stem.pt", tmp_path / "t", teacher=True))
+    assert "ema_local_encoder=false" in caplog.text
+    compared = 0
+    for name, value in teacher.state_dict().items():
+        source = model.cat if name.startswith("embeddings.stem.") else model.teacher
+        assert torch.equal(value, source.state_dict()[name]), name
+        compared += name.startswith("embeddings.stem.") and not torch.equal(value, model.teacher.state_dict()[name])
+    assert compared > 0  # the EMA copy of the stem differs, and was not used
+
+
 def _finetuned(tmp_path, *, norm_eps: float = 1e-6, **model_overrides):
     torch.manual_seed(4)
     config = CATConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, stem_type="patch",
@@ -262,9 +280,9 @@ def test_fc_norm_eps_is_fixed_like_the_original(tmp_path):
 @pytest.mark.parametrize(
     ("finetuning_setting", "overrides", "message"),
     [(True, {"linear_layer": 1}, "linear_layer=1"),
+     (True, {"add_bottleneck": True, "bottleneck_dim": 64}, "add_bottleneck"),  # the finetuning run's override
      (False, {"add_bottleneck": True, "bottleneck_dim": 64}, "add_bottleneck"),
-     (False, {"clap_loss_type": "ce"}, "clap_loss_type='ce'"),
-     (False, {"proj_type": 1}, "proj_type=1")],
+     (False, {"layer_norm_first": True}, "layer_norm_first")],
 )
 def test_unsupported_variants_are_named(tmp_path, finetuning_setting, overrides, message):
     """Settings of the finetuning model or of the pretrained model it was built from."""
@@ -275,6 +293,57 @@ def test_unsupported_variants_are_named(tmp_path, finetuning_setting, overrides,
     with pytest.raises(CheckpointConversionError, match=message):
         convert_checkpoint(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_finetuning_run_can_switch_the_pretrained_bottleneck_off(tmp_path):
+    """The original replaces the pretrained add_bottleneck by the finetuning run's own setting when it has one."""
+    classifier, checkpoint, path = _finetuned(tmp_path, add_bottleneck=False)
+    checkpoint["cfg"]["model"]["pretrained_model_args"]["model"].update(add_bottleneck=True, bottleneck_dim=64)
+    torch.save(checkpoint, path)
+    converted = CATForAudioClassification.from_pretrained(convert_checkpoint(path, tmp_path / "out")).eval()
+    x = torch.randn(1, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, classifier(x).logits, atol=1e-6, rtol=0)
+
+
+def test_pretraining_objective_settings_do_not_block_finetuning_checkpoints(tmp_path):
+    """Loss settings of the pretraining run (smooth-L1 targets, KL RR, a projector of another direction, a narrower
+    decoder) are dropped with the pretraining modules when the original finetunes: the classifier converts exactly."""
+    classifier, checkpoint, path = _finetuned(tmp_path)
+    checkpoint["cfg"]["model"]["pretrained_model_args"]["model"].update(
+        loss_beta=0.25, clap_loss=1.0, clap_loss_type="ce", proj_type=1, end_of_block_targets=True)
+    checkpoint["cfg"]["model"]["pretrained_model_args"]["model"]["modalities"]["image"]["decoder"]["decoder_dim"] = 48
+    checkpoint["model"]["model.clap_proj.weight"] = torch.zeros(96, 512).half()  # proj_type 1: 512-d CLAP -> model
+    checkpoint["model"]["model.clap_proj.bias"] = torch.zeros(96).half()
+    torch.save(checkpoint, path)
+    converted = CATForAudioClassification.from_pretrained(convert_checkpoint(path, tmp_path / "out")).eval()
+    x = torch.randn(1, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, classifier(x).logits, atol=1e-6, rtol=0)
+
+
+def test_pretraining_objective_settings_are_converted_with_a_warning(tmp_path, caplog):
+    model = fp16_rounded(small_pretraining_model("patch"))
+    checkpoint = pretraining_checkpoint(model)
+    checkpoint["cfg"]["model"].update(loss_beta=0.25, proj_type=1, clap_loss=0.5)
+    checkpoint["model"]["clap_proj.weight"] = torch.zeros(96, 24).half()  # proj_type 1: external -> model
+    checkpoint["model"]["clap_proj.bias"] = torch.zeros(96).half()
+    torch.save(checkpoint, tmp_path / "objective.pt")
+    converted = CATForPreTraining.from_pretrained(convert_checkpoint(tmp_path / "objective.pt", tmp_path / "out"))
+    assert "'loss_beta': 0.25" in caplog.text and "'proj_type': 1" in caplog.text and "not converted" in caplog.text
+    assert converted.config.rr_embedding_dim is None and converted.config.rr_loss_weight == 0.0
+    x = torch.randn(1, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(converted.cat(x).last_hidden_state, model.cat(x).last_hidden_state)
+        assert torch.equal(converted.teacher(x).last_hidden_state, model.teacher(x).last_hidden_state)
+
+
+def test_pretraining_decoder_of_another_width_is_refused(tmp_path):
+    checkpoint = pretraining_checkpoint(small_pretraining_model("patch"))
+    checkpoint["cfg"]["model"]["modalities"]["image"]["decoder"]["decoder_dim"] = 48
+    torch.save(checkpoint, tmp_path / "narrow.pt")
+    with pytest.raises(CheckpointConversionError, match="decoder_dim 48 != embed_dim 96.*finetuning checkpoints"):
+        convert_checkpoint(tmp_path / "narrow.pt", tmp_path / "out")
 
 
 def test_labels_that_are_not_indices_are_reported(tmp_path):
@@ -312,10 +381,13 @@ def test_rr_settings_of_a_run_without_rr_are_ignored(tmp_path):
 
 
 def test_four_stage_stem_with_32_frame_patches(tmp_path):
-    """The authors' conv_option 6 (resolutions 4, 8, 16, 32): patches of 32 frames, and the extractor pads to them."""
+    """The authors' conv_option 6 (resolutions 4, 8, 16, 32): patches of 32 frames, and the extractor pads to them.
+    Their cfg keeps patch_size 16; the tokens take the positional table's rows in order, as ours do."""
     model = fp16_rounded(small_pretraining_model("multires", patch_size=32, stem_strides=[4, 2, 2, 2],
                                                  stem_channels=[16, 24, 32], stem_depths=[1, 1, 1]))
-    torch.save(pretraining_checkpoint(model), tmp_path / "conv6.pt")
+    checkpoint = pretraining_checkpoint(model)
+    checkpoint["cfg"]["model"]["modalities"]["image"]["patch_size"] = 16
+    torch.save(checkpoint, tmp_path / "conv6.pt")
     out = convert_checkpoint(tmp_path / "conv6.pt", tmp_path / "out")
     converted = AutoModel.from_pretrained(out)
     assert (converted.config.patch_size, converted.config.stem_strides) == (32, [4, 2, 2, 2])
@@ -326,3 +398,39 @@ def test_four_stage_stem_with_32_frame_patches(tmp_path):
     x = torch.randn(1, 256, 128)
     with torch.no_grad():
         assert torch.equal(converted(x).last_hidden_state, model.cat(x).last_hidden_state)
+
+
+def test_two_stage_stem_with_8_frame_patches(tmp_path):
+    """The authors' conv_option 2 (resolutions 4 and 8): 8x8 patches, 16 per time step, cfg patch_size still 16."""
+    model = fp16_rounded(small_pretraining_model("multires", patch_size=8, stem_strides=[4, 2],
+                                                 stem_channels=[16], stem_depths=[1]))
+    checkpoint = pretraining_checkpoint(model)
+    checkpoint["cfg"]["model"]["modalities"]["image"]["patch_size"] = 16
+    torch.save(checkpoint, tmp_path / "conv2.pt")
+    converted = AutoModel.from_pretrained(convert_checkpoint(tmp_path / "conv2.pt", tmp_path / "out"))
+    assert (converted.config.patch_size, converted.config.max_time_patches) == (8, 64)
+    x = torch.randn(1, 64, 128)
+    with torch.no_grad():
+        hidden = converted(x).last_hidden_state
+        assert hidden.shape[1] == 1 + 8 * 16
+        assert torch.equal(hidden, model.cat(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lin_softmax"])
+def test_finetuning_checkpoints_of_other_prediction_modes(tmp_path, pooling):
+    """MEAN_POOLING and LIN_SOFTMAX pool the patch tokens (the original removes the extra tokens for them)."""
+    classifier, checkpoint, path = _finetuned(tmp_path)
+    classifier.config.pooling = pooling
+    checkpoint = finetuning_checkpoint(classifier, ["a", "b", "c"])
+    assert checkpoint["cfg"]["model"]["prediction_mode"] == {"mean": "MEAN_POOLING", "lin_softmax": "LIN_SOFTMAX"}[pooling]
+    torch.save(checkpoint, path)
+    converted = CATForAudioClassification.from_pretrained(convert_checkpoint(path, tmp_path / "out")).eval()
+    assert converted.config.pooling == pooling
+    x = torch.randn(2, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, classifier(x).logits, atol=1e-6, rtol=0)
+
+    checkpoint["cfg"]["model"]["prediction_mode"] = "CLAP_TYPE2"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointConversionError, match="prediction_mode CLAP_TYPE2 is not supported"):
+        convert_checkpoint(path, tmp_path / "refused")

@@ -147,7 +147,7 @@ def test_sdpa_and_eager_attention_agree():
 
 
 @pytest.mark.parametrize("stem_type", ["multires", "patch"])
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "lin_softmax"])
 def test_padded_batch_equals_single_clips(stem_type, pooling):
     """A clip gives the same outputs alone and padded inside a batch (attention_mask from the extractor)."""
     model = random_model(stem_type=stem_type, pooling=pooling)
@@ -237,6 +237,23 @@ def test_mean_pooling_head_and_no_fc_norm():
         hidden = model.cat(x).last_hidden_state
         expected = model.classifier(hidden[:, 1:].mean(1))
         assert torch.allclose(model(x).logits, expected, atol=1e-6)
+
+
+def test_linear_softmax_pooling_follows_the_original_formula():
+    """LIN_SOFTMAX of the original finetuning model, written out here as it is there: on the patch tokens,
+    logsigmoid, logsumexp(2x) - logsumexp(x + 1e-6) over tokens, clamp at 0, then x - log(-expm1(x))."""
+    model = random_model(CATForAudioClassification, num_labels=2, pooling="lin_softmax")
+    x = torch.randn(2, 64, 128)
+    with torch.no_grad():
+        patches = model.cat(x).last_hidden_state[:, 1:]
+        log_p = torch.nn.functional.logsigmoid(patches)
+        pooled = (torch.logsumexp(log_p + log_p, dim=1) - torch.logsumexp(log_p + 1e-6, dim=1)).clamp(max=0)
+        pooled = torch.nan_to_num(pooled - torch.log(-torch.expm1(pooled)), nan=0, posinf=0, neginf=0)
+        expected = model.classifier(model.fc_norm(pooled))
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-6, rtol=0)
+        # It is the logit of sum(p^2) / sum(p), p = sigmoid(token): a confident token dominates the clip.
+        p = patches.sigmoid()
+        torch.testing.assert_close(pooled.sigmoid(), (p * p).sum(1) / (p.sum(1) * math.exp(1e-6)), atol=1e-5, rtol=1e-4)
 
 
 # -- saving, Auto classes, remote code -----------------------------------------------------------------------------

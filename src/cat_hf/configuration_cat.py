@@ -70,7 +70,9 @@ class CATConfig(PreTrainedConfig):
         num_extra_tokens: learned tokens prepended to the patches. Classification pools token 0 (CLS); the
             pretraining utterance and RR losses use the last one (the same token when there is one, as in CAT).
         max_time_patches: time patches covered by the fixed sin-cos positional table (768 -> 12288 frames).
-        pooling: "cls" (the original's CLS_TOKEN mode) or "mean" (mean of the patch tokens).
+        pooling: "cls" (the original's CLS_TOKEN mode), "mean" (mean of the patch tokens, MEAN_POOLING) or
+            "lin_softmax" (LIN_SOFTMAX: per channel, sigmoid probabilities of the patch tokens pooled as
+            sum(p^2) / sum(p) and returned as a logit).
         use_fc_norm: LayerNorm before the classification head.
         drop_path_rate: stochastic depth, rising linearly over the blocks to this value.
         attention_dropout / hidden_dropout: dropout in attention probabilities and after projections.
@@ -108,7 +110,7 @@ class CATConfig(PreTrainedConfig):
     num_mel_bins: int = 128
     num_extra_tokens: int = 1
     max_time_patches: int = 768
-    pooling: Literal["cls", "mean"] = "cls"
+    pooling: Literal["cls", "mean", "lin_softmax"] = "cls"
     use_fc_norm: bool = True
     classifier_norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
@@ -161,7 +163,7 @@ class CATConfig(PreTrainedConfig):
                 f"problem_type={self.problem_type!r} is not one of transformers' 'single_label_classification', "
                 "'multi_label_classification', 'regression' (or None: inferred from the labels' shape and dtype)."
             )
-        for name, allowed in (("stem_type", ("multires", "patch")), ("pooling", ("cls", "mean")),
+        for name, allowed in (("stem_type", ("multires", "patch")), ("pooling", ("cls", "mean", "lin_softmax")),
                               ("rr_loss_type", get_args(RRLossType))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {allowed}.")

@@ -10,6 +10,7 @@ task config. The output folder is written under a temporary name and renamed, so
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import re
@@ -35,6 +36,8 @@ class CheckpointConversionError(ValueError):
 
 
 _ENCODER = "modality_encoders.IMAGE."
+# The original finetuning model's prediction_mode -> CATConfig.pooling.
+_POOLING_OF_MODE = {"CLS_TOKEN": "cls", "MEAN_POOLING": "mean", "LIN_SOFTMAX": "lin_softmax"}
 # Original key (relative to the modality encoder) -> our key (relative to CATModel.embeddings).
 _EMBEDDING_RULES = [
     (r"extra_tokens", "cls_token"),
@@ -203,57 +206,71 @@ def _pretraining_model_cfg(checkpoint: dict, kind: str) -> dict:
     cfg = checkpoint["cfg"]["model"]
     if kind == "finetuning":
         args = cfg.get("pretrained_model_args") or {}
-        cfg = args.get("model", args)
-        if not cfg:
+        model_cfg = args.get("model", args)
+        if not model_cfg:
             raise CheckpointConversionError("finetuning checkpoint without cfg.model.pretrained_model_args.")
+        if cfg.get("add_bottleneck") is not None:  # the finetuning run's own setting replaces the pretrained one
+            model_cfg = {**model_cfg, "add_bottleneck": cfg["add_bottleneck"]}
+        return model_cfg
     return cfg
 
 
-def _check_supported(model_cfg: dict) -> None:
-    """Refuse, by name, the variants of the original's pretraining model that this package does not implement."""
+def _image_cfg(model_cfg: dict) -> dict:
+    return (model_cfg.get("modalities") or {}).get("image") or {}
+
+
+def _rr_projector_kept(model_cfg: dict) -> bool:
+    """Whether clap_proj maps the model's CLS onto the external embedding (even proj_type), the RR head we implement.
+    The odd proj_types project the other way; such a projector is left out of the conversion."""
+    return int(model_cfg.get("proj_type") or 2) % 2 == 0
+
+
+def _check_supported(model_cfg: dict, kind: str) -> None:
+    """Refuse, by name, what this package cannot represent; warn about pretraining-objective settings it does not
+    implement (they change no weight and no encoder output, only what continued pretraining would optimise)."""
     missing = [name for name in ("embed_dim", "depth", "num_heads") if name not in model_cfg]
     if missing:
         raise CheckpointConversionError(f"the checkpoint's model cfg lacks {missing}; cannot infer the architecture.")
-    refused = {
+    refused = {  # change the encoder itself
         "layer_norm_first": "pre-LN blocks are not CAT/EAT",
-        "loss_beta": "smooth-L1 targets",
         "add_bottleneck": f"a {model_cfg.get('bottleneck_dim')}-d linear bottleneck before the transformer blocks",
     }
     for name, what in refused.items():
         if model_cfg.get(name):
             raise CheckpointConversionError(f"{name}={model_cfg[name]!r} ({what}) is not supported by this converter.")
-    decoder = ((model_cfg.get("modalities") or {}).get("image") or {}).get("decoder") or {}
+    if kind == "finetuning":  # the original drops the decoder, the EMA teacher and the losses for finetuning
+        return
+    decoder = _image_cfg(model_cfg).get("decoder") or {}
     if decoder.get("decoder_dim", model_cfg["embed_dim"]) != model_cfg["embed_dim"]:
         raise CheckpointConversionError(
-            f"decoder_dim {decoder['decoder_dim']} != embed_dim {model_cfg['embed_dim']} is not supported."
+            f"decoder_dim {decoder['decoder_dim']} != embed_dim {model_cfg['embed_dim']}: this pretraining decoder "
+            "cannot be converted (the finetuning checkpoints of this model can)."
         )
+    objective = {name: model_cfg[name] for name in ("loss_beta", "end_of_block_targets", "clap_loss_layer",
+                                                     "dispersive_loss") if model_cfg.get(name)}
     if model_cfg.get("clap_loss"):  # the RR settings only matter where RR was trained
         if str(model_cfg.get("clap_loss_type", "mse")) not in get_args(RRLossType):
-            raise CheckpointConversionError(
-                f"clap_loss_type={model_cfg['clap_loss_type']!r}: this Representation Regularization loss is not "
-                f"implemented here ({', '.join(get_args(RRLossType))} are)."
-            )
-        if int(model_cfg.get("proj_type") or 2) % 2 == 1:
-            raise CheckpointConversionError(
-                f"proj_type={model_cfg['proj_type']}: RR projects the external embedding onto the model; only the "
-                "even proj_types (the model's CLS projected onto the external embedding, as in the paper) are "
-                "supported."
-            )
-    ignored = {name: model_cfg[name] for name in ("clap_loss_layer", "dispersive_loss") if model_cfg.get(name)}
-    if ignored:
+            objective["clap_loss_type"] = model_cfg["clap_loss_type"]
+        if not _rr_projector_kept(model_cfg):
+            objective["proj_type"] = model_cfg["proj_type"]
+    if objective:
         logger.warning(
-            f"{ignored}: pretraining losses that cat_hf does not implement. The encoder and teacher are converted "
-            "exactly; continued pretraining applies RR to the final CLS token and no dispersive loss."
+            f"{objective}: pretraining-objective settings that cat_hf does not implement. The encoder and the teacher "
+            "are converted exactly; continued pretraining with cat_hf uses MSE targets from the blocks' MLP outputs "
+            f"and applies RR ({'/'.join(get_args(RRLossType))}) to the final CLS token projected onto the external "
+            "embedding, so it optimises another objective than the original run."
         )
 
 
 def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfig:
     """Build the CATConfig from the checkpoint's cfg, with the stem read off the weights' shapes."""
     model_cfg = _pretraining_model_cfg(checkpoint, kind)
-    image = (model_cfg.get("modalities") or {}).get("image") or {}
+    image = _image_cfg(model_cfg)
     decoder = image.get("decoder") or {}
-    _check_supported(model_cfg)
-    rr_used = bool(model_cfg.get("clap_loss"))
+    _check_supported(model_cfg, kind)
+    rr_kept = _rr_projector_kept(model_cfg)
+    rr_used = bool(model_cfg.get("clap_loss")) and rr_kept
+    rr_type = str(model_cfg.get("clap_loss_type", "mse"))
 
     hidden = int(model_cfg["embed_dim"])
     fields = dict(
@@ -279,8 +296,8 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         layer_norm_targets=bool(model_cfg.get("layer_norm_targets", True)),
         frame_loss_weight=float(model_cfg.get("d2v_loss", 1.0)),
         utterance_loss_weight=float(model_cfg.get("cls_loss", 1.0)),
-        rr_loss_weight=float(model_cfg.get("clap_loss", 0.0)),
-        rr_loss_type=str(model_cfg.get("clap_loss_type", "mse")) if rr_used else "mse",
+        rr_loss_weight=float(model_cfg.get("clap_loss", 0.0)) if rr_used else 0.0,
+        rr_loss_type=rr_type if rr_used and rr_type in get_args(RRLossType) else "mse",
         ema_decay=float(model_cfg.get("ema_decay", 0.9998)),
         ema_end_decay=float(model_cfg.get("ema_end_decay", 0.99999)),
         ema_anneal_end_step=int(model_cfg.get("ema_anneal_end_step", 100000)),
@@ -292,9 +309,9 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
     positions = encoder.get("fixed_positional_encoder.positions")
     if positions is None:
         raise CheckpointConversionError("missing key 'modality_encoders.IMAGE.fixed_positional_encoder.positions'.")
-    fields["max_time_patches"] = positions.shape[1] // (128 // fields["patch_size"])
     if "local_encoder.proj.weight" in encoder:
         fields["stem_type"] = "patch"
+        fields["patch_size"] = int(encoder["local_encoder.proj.weight"].shape[-1])
     else:
         stages = sorted({int(m.group(1)) for k in encoder if (m := re.match(r"patch_embed\.(\d+)\.proj\.weight", k))})
         if not stages:
@@ -303,6 +320,9 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         weights = [encoder[f"patch_embed.{i}.proj.weight"] for i in stages]
         fields["stem_type"] = "multires"
         fields["stem_strides"] = [int(w.shape[-1]) for w in weights]
+        # The tokens' grid is the last stage's. The cfg's patch_size stays 16 for the conv_option ablations whose
+        # last stage is at 8 or 32; there it only sizes the positional table, which the tokens take in order.
+        fields["patch_size"] = math.prod(fields["stem_strides"])
         fields["stem_channels"] = [int(w.shape[0]) for w in weights[:-1]]
         fields["stem_depths"] = [
             len({int(m.group(1)) for k in encoder if (m := re.match(rf"conv_blocks\.{i}\.(\d+)\.", k))})
@@ -312,14 +332,24 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         if first_block is not None:
             fields["stem_mlp_ratio"] = first_block.shape[0] / first_block.shape[1]
             fields["stem_kernel_size"] = int(encoder["conv_blocks.0.0.attn.weight"].shape[-1])
+    frequency_patches = 128 // fields["patch_size"]
+    if positions.shape[1] % frequency_patches:
+        raise CheckpointConversionError(
+            f"the positional table has {positions.shape[1]} rows, not a whole number of time steps of "
+            f"{frequency_patches} frequency patches ({fields['patch_size']}-bin patches of 128 mel bins)."
+        )
+    fields["max_time_patches"] = positions.shape[1] // frequency_patches
     rr = state.get("clap_proj.weight", state.get("model.clap_proj.weight"))
-    fields["rr_embedding_dim"] = int(rr.shape[0]) if rr is not None else None
+    fields["rr_embedding_dim"] = int(rr.shape[0]) if rr is not None and rr_kept else None
 
     if kind == "finetuning":
         ft = checkpoint["cfg"]["model"]
         mode = str(ft.get("prediction_mode", "CLS_TOKEN")).split(".")[-1]
-        if mode not in ("CLS_TOKEN", "MEAN_POOLING"):
-            raise CheckpointConversionError(f"prediction_mode {mode} is not supported (CLS_TOKEN or MEAN_POOLING).")
+        if mode not in _POOLING_OF_MODE:
+            raise CheckpointConversionError(
+                f"prediction_mode {mode} is not supported ({', '.join(_POOLING_OF_MODE)} are; the original marks the "
+                "CLAP_TYPE modes as unused)."
+            )
         if int(ft.get("linear_layer") or 0) != 0:
             raise CheckpointConversionError(
                 f"linear_layer={ft['linear_layer']}: this classifier reads block {ft['linear_layer']}'s MLP output "
@@ -330,7 +360,7 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
         # The original trains with softmax cross-entropy unless audio_mae is set without esc50_eval/spcv2_eval.
         multi_label = bool(ft.get("audio_mae")) and not (ft.get("esc50_eval") or ft.get("spcv2_eval"))
         fields.update(
-            pooling="cls" if mode == "CLS_TOKEN" else "mean",
+            pooling=_POOLING_OF_MODE[mode],
             use_fc_norm=bool(ft.get("use_fc_norm", True)),
             drop_path_rate=float(ft.get("drop_path_rate", 0.0)),
             id2label=id2label,
@@ -437,23 +467,26 @@ def _reject_leftovers(unused: list[str], allowed: tuple[str, ...], what: str) ->
                                         f"{' ...' if len(leftovers) > 20 else ''}.")
 
 
-def _teacher_state(ema: dict, student: dict) -> dict:
+def _teacher_state(ema: dict, student: dict, stem_from_student: bool = False) -> dict:
     """The EMA teacher's CATModel state from `model["_ema"]`, given the student's converted state.
 
     With ema_encoder_only the original averages only the transformer blocks (saved as ``0.norm1.weight``, ...) and
-    runs them on the student's embeddings; with ema_local_encoder=false the teacher reads the student's stem output.
-    Embedding weights missing from `_ema` are therefore the student's; missing block weights stay an error.
+    runs them on the student's embeddings; with ema_local_encoder=false (`stem_from_student`) the teacher reads the
+    student's stem output, even where `_ema` still holds an (unused) copy of the stem. Embedding weights missing from
+    `_ema` are therefore the student's; missing block weights stay an error.
     """
     if all(re.match(r"\d+\.", key) for key in ema):
         ema = {f"blocks.{key}": value for key, value in ema.items()}
     teacher, unused = encoder_state_dict(ema)
     _reject_leftovers(unused, (), "EMA teacher")
+    if stem_from_student:
+        teacher = {k: v for k, v in teacher.items() if not k.startswith("embeddings.stem.")}
     from_student = sorted(k for k in student if k.startswith("embeddings.") and k not in teacher)
     if from_student:
         logger.warning(
-            f"The EMA teacher lacks {len(from_student)} embedding weights (e.g. {from_student[0]}): the original "
-            "teacher ran on the student's, so they are copied from the student. Continued pretraining with cat_hf "
-            "averages the whole teacher, these parts included."
+            f"The original teacher ran on the student's {len(from_student)} embedding weights (e.g. "
+            f"{from_student[0]}; ema_encoder_only or ema_local_encoder=false), so the converted teacher has copies "
+            "of them. Continued pretraining with cat_hf averages the whole teacher, these parts included."
         )
     return {**{k: student[k] for k in from_student}, **teacher}
 
@@ -491,12 +524,19 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
         if new := _rename(name, _DECODER_RULES):
             full[new] = state[key].float()
         elif key in ("clap_proj.weight", "clap_proj.bias"):
-            full[key.replace("clap_proj", "rr_projector")] = state[key].float()
+            if config.rr_embedding_dim is not None:
+                full[key.replace("clap_proj", "rr_projector")] = state[key].float()
+            elif key == "clap_proj.weight":
+                logger.warning(
+                    f"clap_proj of proj_type={checkpoint['cfg']['model'].get('proj_type')} maps the external "
+                    "embedding onto the model (cat_hf's RR head maps the model's CLS onto it): not converted."
+                )
         else:
             leftovers.append(key)
     _reject_leftovers(leftovers, (), "pretraining checkpoint")
     if ema:
-        full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder).items()})
+        stem_from_student = _image_cfg(_pretraining_model_cfg(checkpoint, kind)).get("ema_local_encoder") is False
+        full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder, stem_from_student).items()})
     else:
         full.update({f"teacher.{k[4:]}": v for k, v in list(full.items()) if k.startswith("cat.")})
     model = CATForPreTraining(config)

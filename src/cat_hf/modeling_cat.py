@@ -698,14 +698,31 @@ class CATModel(CATPreTrainedModel):
         )
 
     def pool(self, last_hidden_state: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """CLS token, or the mean of the (valid) patch tokens."""
+        """CLS token, the mean of the (valid) patch tokens, or their linear-softmax pooling (`config.pooling`)."""
         if self.config.pooling == "cls":
             return last_hidden_state[:, 0]
         patches = last_hidden_state[:, self.config.num_extra_tokens:]
+        if self.config.pooling == "lin_softmax":
+            return linear_softmax_pool(patches, None if padding is None else padding[:, self.config.num_extra_tokens:])
         if padding is None:
             return patches.mean(dim=1)
         weights = (~padding[:, self.config.num_extra_tokens:]).unsqueeze(-1).to(patches.dtype)
         return (patches * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def linear_softmax_pool(tokens: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The original's LIN_SOFTMAX pooling of (B, N, C) tokens to (B, C), in float32, padded tokens left out.
+
+    Each channel is read as a probability p = sigmoid(x); the clip's probability is sum(p^2) / sum(p) over the
+    tokens, which weighs confident tokens most, and is returned as a logit. Computed in log space as the original does
+    (including its 1e-6 inside the denominator and its clamping), so that the numbers match.
+    """
+    log_p = F.logsigmoid(tokens.float())
+    if padding is not None:
+        log_p = log_p.masked_fill(padding.unsqueeze(-1), float("-inf"))
+    log_pooled = (torch.logsumexp(log_p + log_p, dim=1) - torch.logsumexp(log_p + 1e-6, dim=1)).clamp(max=0)
+    logit = log_pooled - torch.log(-torch.expm1(log_pooled))
+    return torch.nan_to_num(logit, nan=0.0, posinf=0.0, neginf=0.0).to(tokens.dtype)
 
 
 class CATForAudioClassification(CATPreTrainedModel):
