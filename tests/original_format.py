@@ -75,6 +75,7 @@ def model_cfg(config, *, add_conv: bool) -> dict:
         "layer_norm_first": False, "loss_beta": 0.0, "add_conv": add_conv, "clone_batch": config.clone_batch,
         "average_top_k_layers": config.num_hidden_layers, "instance_norm_target_layer": True,
         "layer_norm_targets": True, "d2v_loss": 1.0, "cls_loss": 1.0, "clap_loss": 1.0, "clap_loss_type": "mse",
+        "proj_type": 2, "add_bottleneck": False, "bottleneck_dim": 128,
         "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100000,
         "modalities": {"image": {
             "num_extra_tokens": 1, "mask_prob": 0.8, "mask_length": 5, "mask_prob_adjust": 0.07,

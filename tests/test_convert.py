@@ -223,22 +223,20 @@ def test_teacher_of_ema_encoder_only_runs_on_the_student_embeddings(tmp_path):
         convert_checkpoint(tmp_path / "incomplete.pt", tmp_path / "c")
 
 
-@pytest.mark.parametrize("stem_type", ["multires", "patch"])
-def test_teacher_without_its_own_stem_runs_on_the_student_stem(tmp_path, stem_type, caplog):
-    """ema_local_encoder=false: `_ema` still holds a copy of the stem, but the original teacher reads the student's
-    stem output (then its own positions, CLS, context norm and blocks)."""
-    model = fp16_rounded(small_pretraining_model(stem_type, seed=5))
+def test_teacher_without_its_own_local_encoder_runs_on_the_student_patch_stem(tmp_path, caplog):
+    """ema_local_encoder=false: the original's teacher copy has no local encoder (the patch stem) and reads the
+    student's patch embeddings (then its own positions, CLS, context norm and blocks)."""
+    model = fp16_rounded(small_pretraining_model("patch", seed=5))
     checkpoint = pretraining_checkpoint(model)
     checkpoint["cfg"]["model"]["modalities"]["image"]["ema_local_encoder"] = False
+    checkpoint["model"]["_ema"] = {k: v for k, v in checkpoint["model"]["_ema"].items()
+                                   if not k.startswith("modality_encoders.IMAGE.local_encoder.")}
     torch.save(checkpoint, tmp_path / "shared_stem.pt")
     teacher = AutoModel.from_pretrained(convert_checkpoint(tmp_path / "shared_stem.pt", tmp_path / "t", teacher=True))
     assert "ema_local_encoder=false" in caplog.text
-    compared = 0
     for name, value in teacher.state_dict().items():
         source = model.cat if name.startswith("embeddings.stem.") else model.teacher
         assert torch.equal(value, source.state_dict()[name]), name
-        compared += name.startswith("embeddings.stem.") and not torch.equal(value, model.teacher.state_dict()[name])
-    assert compared > 0  # the EMA copy of the stem differs, and was not used
 
 
 def _finetuned(tmp_path, *, norm_eps: float = 1e-6, **model_overrides):
@@ -434,3 +432,17 @@ def test_finetuning_checkpoints_of_other_prediction_modes(tmp_path, pooling):
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointConversionError, match="prediction_mode CLAP_TYPE2 is not supported"):
         convert_checkpoint(path, tmp_path / "refused")
+
+
+@pytest.mark.parametrize(("proj_type", "clap_loss"), [(None, 1.0), (2, 0.0)])
+def test_rr_counts_only_where_the_original_trained_it(tmp_path, proj_type, clap_loss):
+    """The original adds the RR loss only with a proj_type and clap_loss > 0; otherwise the converted model's RR
+    weight is 0, so that continued pretraining does not switch RR on."""
+    checkpoint = pretraining_checkpoint(small_pretraining_model("patch"))
+    checkpoint["cfg"]["model"].update(proj_type=proj_type, clap_loss=clap_loss)
+    if proj_type is None:  # the original builds no projector then
+        del checkpoint["model"]["clap_proj.weight"], checkpoint["model"]["clap_proj.bias"]
+    torch.save(checkpoint, tmp_path / "no_rr.pt")
+    config = CATConfig.from_pretrained(convert_checkpoint(tmp_path / "no_rr.pt", tmp_path / "out"))
+    assert config.rr_loss_weight == 0.0
+    assert config.rr_embedding_dim == (None if proj_type is None else 24)

@@ -355,7 +355,7 @@ def test_cli_help(capsys):
     assert "--lora" in text and "--linear-probe" in text and "--merge" in text and "--config" in text
 
 
-def test_loading_note_names_the_head_and_warns_about_missing_encoder_weights(caplog):
+def test_loading_note_names_the_head_and_warns_about_encoder_weights(caplog):
     from cat_hf.finetune import describe_loading
 
     labels = {0: "dog", 1: "rain"}
@@ -368,8 +368,27 @@ def test_loading_note_names_the_head_and_warns_about_missing_encoder_weights(cap
     assert "(its head has another size)" in describe_loading("clf", resized, 2, None, labels)
     assert not caplog.records
 
-    foreign = dict(nothing, missing_keys={"classifier.weight", "cat.layers.0.mlp.fc1.weight"},
-                   unexpected_keys={"teacher.layers.0.fc1.weight", "decoder.proj.weight", "decoder.proj.bias"})
+    foreign = dict(nothing, missing_keys={"classifier.weight", "cat.layers.0.mlp.fc1.weight"})
     note = describe_loading("other", foreign, 2, None, labels)
-    assert note == "model: encoder from other, new classification head for 2 labels (it has none); not used: decoder (2), teacher (1)"
+    assert note == "model: encoder from other, new classification head for 2 labels (it has none)"
     assert "1 encoder weights are not in other and start from random values: cat.layers.0.mlp.fc1.weight" in caplog.text
+
+
+def test_encoder_weights_of_another_shape_are_reported_not_hidden(encoder_dir, tmp_path, caplog):
+    """ignore_mismatched_sizes (for a head of another size) must not silently reset encoder weights: an edited
+    config.json that no longer fits the weights gets a warning naming them."""
+    from cat_hf.finetune import build_model
+
+    folder = tmp_path / "edited"
+    shutil.copytree(encoder_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_time_patches"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    from cat_hf.finetune import PreparedData
+
+    data = PreparedData(train=None, validation=None, test=None, label2id={"a": 0, "b": 1}, id2label={0: "a", 1: "b"},
+                        problem_type="single_label_classification", summaries={})
+    notes = []
+    build_model(FinetuneConfig(model=str(folder)), data, say=notes.append)
+    assert notes == [f"model: encoder from {folder}, new classification head for 2 labels (it has none)"]
+    assert "cat.embeddings.position_embeddings" in caplog.text and "another shape" in caplog.text

@@ -34,7 +34,7 @@ from cat_hf.hub import (  # noqa: E402
 )
 
 LABELS = ["dog", "rain", "sea_waves"]
-TINY = dict(num_hidden_layers=1)
+TINY = dict(num_hidden_layers=1)  # cat-tiny with one block: a few MB, fast on CPU
 # Prepended to scripts that play a Hub user without cat-hf: any import of cat_hf fails.
 BLOCK_CAT_HF = textwrap.dedent(
     """
@@ -45,7 +45,7 @@ BLOCK_CAT_HF = textwrap.dedent(
                 raise ImportError("cat_hf is blocked: this script plays a user without cat-hf")
     sys.meta_path.insert(0, _BlockCatHf())
     """
-)  # cat-tiny with one block: a few MB, fast on CPU
+)
 
 # What cat_hf.evaluation writes (its eval_results.json document, trimmed to the fields the card reads + extras).
 EVAL_DOCUMENT = {

@@ -209,8 +209,8 @@ def _pretraining_model_cfg(checkpoint: dict, kind: str) -> dict:
         model_cfg = args.get("model", args)
         if not model_cfg:
             raise CheckpointConversionError("finetuning checkpoint without cfg.model.pretrained_model_args.")
-        if cfg.get("add_bottleneck") is not None:  # the finetuning run's own setting replaces the pretrained one
-            model_cfg = {**model_cfg, "add_bottleneck": cfg["add_bottleneck"]}
+        if cfg.get("add_bottleneck") is not None and "add_bottleneck" in model_cfg:
+            model_cfg = {**model_cfg, "add_bottleneck": cfg["add_bottleneck"]}  # the finetuning run's own setting
         return model_cfg
     return cfg
 
@@ -220,9 +220,16 @@ def _image_cfg(model_cfg: dict) -> dict:
 
 
 def _rr_projector_kept(model_cfg: dict) -> bool:
-    """Whether clap_proj maps the model's CLS onto the external embedding (even proj_type), the RR head we implement.
-    The odd proj_types project the other way; such a projector is left out of the conversion."""
-    return int(model_cfg.get("proj_type") or 2) % 2 == 0
+    """Whether clap_proj maps the model's CLS onto the external embedding (proj_type 2, 4, 6), the RR head we
+    implement. The odd proj_types project the other way (such a projector is left out of the conversion); without a
+    proj_type the original builds none."""
+    proj_type = int(model_cfg.get("proj_type") or 0)
+    return proj_type > 0 and proj_type % 2 == 0
+
+
+def _rr_trained(model_cfg: dict) -> bool:
+    """The original adds the RR loss only with a proj_type and a positive clap_loss."""
+    return bool(model_cfg.get("proj_type")) and float(model_cfg.get("clap_loss") or 0) > 0
 
 
 def _check_supported(model_cfg: dict, kind: str) -> None:
@@ -233,7 +240,7 @@ def _check_supported(model_cfg: dict, kind: str) -> None:
         raise CheckpointConversionError(f"the checkpoint's model cfg lacks {missing}; cannot infer the architecture.")
     refused = {  # change the encoder itself
         "layer_norm_first": "pre-LN blocks are not CAT/EAT",
-        "add_bottleneck": f"a {model_cfg.get('bottleneck_dim')}-d linear bottleneck before the transformer blocks",
+        "add_bottleneck": f"a {model_cfg.get('bottleneck_dim', 128)}-d linear bottleneck before the transformer blocks",
     }
     for name, what in refused.items():
         if model_cfg.get(name):
@@ -248,7 +255,7 @@ def _check_supported(model_cfg: dict, kind: str) -> None:
         )
     objective = {name: model_cfg[name] for name in ("loss_beta", "end_of_block_targets", "clap_loss_layer",
                                                      "dispersive_loss") if model_cfg.get(name)}
-    if model_cfg.get("clap_loss"):  # the RR settings only matter where RR was trained
+    if _rr_trained(model_cfg):  # the RR settings only matter where RR was trained
         if str(model_cfg.get("clap_loss_type", "mse")) not in get_args(RRLossType):
             objective["clap_loss_type"] = model_cfg["clap_loss_type"]
         if not _rr_projector_kept(model_cfg):
@@ -269,7 +276,7 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
     decoder = image.get("decoder") or {}
     _check_supported(model_cfg, kind)
     rr_kept = _rr_projector_kept(model_cfg)
-    rr_used = bool(model_cfg.get("clap_loss")) and rr_kept
+    rr_used = _rr_trained(model_cfg) and rr_kept
     rr_type = str(model_cfg.get("clap_loss_type", "mse"))
 
     hidden = int(model_cfg["embed_dim"])
@@ -467,20 +474,18 @@ def _reject_leftovers(unused: list[str], allowed: tuple[str, ...], what: str) ->
                                         f"{' ...' if len(leftovers) > 20 else ''}.")
 
 
-def _teacher_state(ema: dict, student: dict, stem_from_student: bool = False) -> dict:
+def _teacher_state(ema: dict, student: dict) -> dict:
     """The EMA teacher's CATModel state from `model["_ema"]`, given the student's converted state.
 
     With ema_encoder_only the original averages only the transformer blocks (saved as ``0.norm1.weight``, ...) and
-    runs them on the student's embeddings; with ema_local_encoder=false (`stem_from_student`) the teacher reads the
-    student's stem output, even where `_ema` still holds an (unused) copy of the stem. Embedding weights missing from
-    `_ema` are therefore the student's; missing block weights stay an error.
+    runs them on the student's embeddings; with ema_local_encoder=false the teacher has no local encoder (the patch
+    stem) and reads the student's. Embedding weights missing from `_ema` are therefore the student's; missing block
+    weights stay an error.
     """
     if all(re.match(r"\d+\.", key) for key in ema):
         ema = {f"blocks.{key}": value for key, value in ema.items()}
     teacher, unused = encoder_state_dict(ema)
     _reject_leftovers(unused, (), "EMA teacher")
-    if stem_from_student:
-        teacher = {k: v for k, v in teacher.items() if not k.startswith("embeddings.stem.")}
     from_student = sorted(k for k in student if k.startswith("embeddings.") and k not in teacher)
     if from_student:
         logger.warning(
@@ -528,15 +533,14 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
                 full[key.replace("clap_proj", "rr_projector")] = state[key].float()
             elif key == "clap_proj.weight":
                 logger.warning(
-                    f"clap_proj of proj_type={checkpoint['cfg']['model'].get('proj_type')} maps the external "
-                    "embedding onto the model (cat_hf's RR head maps the model's CLS onto it): not converted."
+                    f"clap_proj of proj_type={checkpoint['cfg']['model'].get('proj_type')} is not cat_hf's RR head "
+                    "(which maps the model's CLS onto the external embedding, proj_type 2/4/6): not converted."
                 )
         else:
             leftovers.append(key)
     _reject_leftovers(leftovers, (), "pretraining checkpoint")
     if ema:
-        stem_from_student = _image_cfg(_pretraining_model_cfg(checkpoint, kind)).get("ema_local_encoder") is False
-        full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder, stem_from_student).items()})
+        full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder).items()})
     else:
         full.update({f"teacher.{k[4:]}": v for k, v in list(full.items()) if k.startswith("cat.")})
     model = CATForPreTraining(config)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -525,8 +526,12 @@ def build_feature_extractor(config: FinetuneConfig) -> CATFeatureExtractor:
     return extractor
 
 
-def build_model(config: FinetuneConfig, data: PreparedData):
-    """A CATForAudioClassification for our labels: from a pretrained folder, or a preset from scratch."""
+def build_model(config: FinetuneConfig, data: PreparedData, say: Callable[[str], Any] | None = None):
+    """A CATForAudioClassification for our labels: from a pretrained folder, or a preset from scratch.
+
+    `say` gets one line on what was taken from the folder (default: the log), in place of transformers' LOAD REPORT
+    table, which calls the expected new head "missing"; problems in the encoder's weights become warnings.
+    """
     from .configuration_cat import CATConfig
     from .modeling_cat import CATForAudioClassification
 
@@ -534,11 +539,15 @@ def build_model(config: FinetuneConfig, data: PreparedData):
                         problem_type=data.problem_type)  # fmt: skip
     if config.model:
         source_labels = _source_id2label(config.model)
-        with _load_report_hidden():
-            model, loading = CATForAudioClassification.from_pretrained(
-                config.model, ignore_mismatched_sizes=True, drop_path_rate=config.drop_path_rate,
-                output_loading_info=True, **label_kwargs,
-            )
+        load = functools.partial(
+            CATForAudioClassification.from_pretrained, config.model, ignore_mismatched_sizes=True,
+            drop_path_rate=config.drop_path_rate, output_loading_info=True, **label_kwargs,
+        )
+        try:
+            with _load_report_hidden():
+                model, loading = load()
+        except RuntimeError:  # transformers raises after its report ("look at the report above"): show it
+            model, loading = load()
         if source_labels != dict(data.id2label):
             # Same shape but other (or unknown) classes, or another order: the old head would silently mislabel.
             with torch.no_grad():
@@ -551,16 +560,17 @@ def build_model(config: FinetuneConfig, data: PreparedData):
             CATConfig.from_preset(config.preset, drop_path_rate=config.drop_path_rate, **label_kwargs)
         )
         note = f"model: {config.preset} from scratch (random weights)"
+    (say or logger.info)(note)
     if config.activation_checkpointing:  # before any LoRA wrapping, so that PEFT hooks the stem for it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, note
+    return model
 
 
 _HEAD_PREFIXES = ("fc_norm.", "classifier.")
 
 
 class _HideLoadReport(logging.Filter):
-    """Drops transformers' LOAD REPORT table; `describe_loading` says the same in one line, and warns when it matters."""
+    """Drops transformers' LOAD REPORT table (`describe_loading` says what matters in it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
@@ -577,6 +587,10 @@ def _load_report_hidden():
         report_logger.removeFilter(hide)
 
 
+def _listed(keys: Sequence[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def describe_loading(
     source: str,
     loading: Mapping[str, Any],
@@ -584,22 +598,29 @@ def describe_loading(
     source_labels: Mapping[int, str] | None,
     labels: Mapping[int, str],
 ) -> str:
-    """One line on what `from_pretrained` took from `source`; a warning for encoder weights it did not find.
+    """One line on what `from_pretrained(source, output_loading_info=True)` took; warnings for encoder weights it
+    did not find or found with another shape (those start from random values).
 
     An encoder folder has no head (fc_norm + classifier): a new one is the expected case, not worth a table.
     """
     missing = set(loading["missing_keys"])
-    resized = {key for key, *_ in loading["mismatched_keys"]}
+    resized = {key: (tuple(old), tuple(new)) for key, old, new in loading["mismatched_keys"]}
     missing_encoder = sorted(key for key in missing if not key.startswith(_HEAD_PREFIXES))
     if missing_encoder:
-        shown = ", ".join(missing_encoder[:6]) + (f" and {len(missing_encoder) - 6} more" if len(missing_encoder) > 6 else "")
         logger.warning(
             "%d encoder weights are not in %s and start from random values: %s. Is it a CAT model folder?",
-            len(missing_encoder), source, shown,
+            len(missing_encoder), source, _listed(missing_encoder),
+        )
+    resized_encoder = sorted(key for key in resized if not key.startswith(_HEAD_PREFIXES))
+    if resized_encoder:
+        logger.warning(
+            "%d encoder weights of %s have another shape than its config.json asks for and start from random "
+            "values: %s. Was config.json edited?", len(resized_encoder), source,
+            _listed([f"{key} {resized[key][0]} -> {resized[key][1]}" for key in resized_encoder]),
         )
     if any(key.startswith(_HEAD_PREFIXES) for key in missing):
         reason = "it has none"
-    elif resized:
+    elif any(key.startswith(_HEAD_PREFIXES) for key in resized):
         reason = "its head has another size"
     elif source_labels is None:
         reason = "its head's classes are not recorded"
@@ -608,17 +629,17 @@ def describe_loading(
     else:
         reason = None
     head = f"new classification head for {num_labels} labels ({reason})" if reason else "its head kept (same classes)"
-    ignored = Counter(key.split(".", 1)[0] for key in loading["unexpected_keys"])
-    unused = f"; not used: {', '.join(f'{prefix} ({count})' for prefix, count in sorted(ignored.items()))}" if ignored else ""
-    return f"model: encoder from {source}, {head}{unused}"
+    return f"model: encoder from {source}, {head}"
 
 
 def _source_id2label(model: str) -> dict[int, str] | None:
-    """The label map of a local model folder's config (None when it has none / is not local)."""
-    config_file = Path(model, "config.json")
-    if not config_file.is_file():
+    """The label map in the config of a model folder or Hub id (None when it has none or cannot be read)."""
+    from .configuration_cat import CATConfig
+
+    try:
+        raw, _ = CATConfig.get_config_dict(model)
+    except (OSError, ValueError):
         return None
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
     id2label = raw.get("id2label")
     return {int(k): str(v) for k, v in id2label.items()} if isinstance(id2label, dict) else None
 
@@ -862,8 +883,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     # 2. Model -------------------------------------------------------------------------------------------------
     feature_extractor = build_feature_extractor(config)
-    model, loading_note = build_model(config, data)
-    accelerator.print(loading_note)
+    model = build_model(config, data, say=accelerator.print)
     num_layers = model.config.num_hidden_layers
     if config.lora:
         model = add_lora(model, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
