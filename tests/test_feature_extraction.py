@@ -222,6 +222,34 @@ def test_kept_work_buffers_carry_nothing_between_calls_or_threads():
     assert len(results) == 3
 
 
+def test_an_output_is_reused_only_once_the_caller_dropped_every_view_of_it():
+    """The thread keeps its last CPU output for the next call (fresh memory costs page zeroing), but never while
+    any tensor, view or numpy array of it is alive."""
+    extractor = CATFeatureExtractor(max_length=160)
+    clips_a, clips_b = [_clip(1.0, 1), _clip(0.5, 2)], [_clip(0.7, 3), _clip(1.1, 4)]
+
+    def features(clips):
+        return extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+
+    first = features(clips_a)
+    expected_a = first.clone()
+    view, as_numpy = first[1, 3:9], first.numpy()
+    address = first.untyped_storage().data_ptr()
+    del first
+    second = features(clips_b)  # the view and the numpy array still hold the first output
+    assert second.untyped_storage().data_ptr() != address
+    assert torch.equal(view, expected_a[1, 3:9]) and np.array_equal(as_numpy, expected_a.numpy())
+    del view, as_numpy
+    third = features(clips_a)  # `second` is alive: another new output, now the one the thread keeps
+    assert third.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert torch.equal(third, expected_a)
+    expected_b, address = second.clone(), third.untyped_storage().data_ptr()
+    del third
+    again = features(clips_b)  # nothing refers to the kept output any more: its memory is reused
+    assert again.untyped_storage().data_ptr() == address
+    assert torch.equal(again, expected_b) and torch.equal(second, expected_b)
+
+
 def test_huge_finite_samples_are_accepted():
     """A float32 clip sum can overflow without any NaN/Inf sample: the mean is then taken in float64."""
     extractor = CATFeatureExtractor(max_length=16)

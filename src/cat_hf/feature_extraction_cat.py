@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -430,6 +431,29 @@ def _cpu_chunk_buffers(
     return buffers
 
 
+#: Largest output (bytes) whose memory a thread keeps for its next call once the caller has dropped it.
+_MAX_REUSED_OUTPUT_BYTES = 128 << 20
+
+
+def _cpu_output(rows: int, num_mel_bins: int) -> np.ndarray:
+    """A (rows, num_mel_bins) float32 array for a call's output: the thread's previous output if nothing refers to it
+    any more, else a new one (which is then kept for the next call).
+
+    Fresh memory costs the kernel's page zeroing on first touch (2.6 ms of a ~45 ms call on 64 ten-second clips,
+    in the single-threaded log). The previous output is reused only when the thread-local reference below is its
+    last one: every tensor, view or numpy array made from it holds a reference to it, so the caller cannot see it.
+    """
+    kept = getattr(_THREAD_BUFFERS, "output", None)
+    # References: the thread-local attribute, `kept`, and getrefcount's argument.
+    if kept is not None and kept.shape == (rows, num_mel_bins) and sys.getrefcount(kept) == 3:
+        return kept
+    # Allocated by numpy: its large arrays get transparent huge pages, so the first writes into the fresh output
+    # page-fault ~5x less than into a torch.empty of the same size.
+    output = np.empty((rows, num_mel_bins), dtype=np.float32)
+    _THREAD_BUFFERS.output = output if output.nbytes <= _MAX_REUSED_OUTPUT_BYTES else None
+    return output
+
+
 def _fbank_of_clips(
     clips: Sequence[torch.Tensor],
     frames: Sequence[int],
@@ -469,9 +493,7 @@ def _fbank_of_clips(
     window_tail = _hann_window_on(device, window)[1:]
 
     if device.type == "cpu":
-        # Allocated by numpy: its large arrays get transparent huge pages, so the first writes into the fresh output
-        # page-fault ~5x less than into a torch.empty of the same size.
-        fbank_numpy = np.empty((batch_size * out_frames, num_mel_bins), dtype=np.float32)
+        fbank_numpy = _cpu_output(batch_size * out_frames, num_mel_bins)
         fbank = torch.from_numpy(fbank_numpy)
     else:
         fbank_numpy, fbank = None, torch.empty(batch_size * out_frames, num_mel_bins, device=device)
