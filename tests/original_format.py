@@ -80,7 +80,7 @@ def model_cfg(config, *, add_conv: bool) -> dict:
         "modalities": {"image": {
             "num_extra_tokens": 1, "mask_prob": 0.8, "mask_length": 5, "mask_prob_adjust": 0.07,
             "mask_noise_std": 0.01, "patch_size": config.patch_size, "embed_dim": config.hidden_size, "conv_option": 0,
-            "target_length": 1024, "max_length": config.max_time_patches,
+            "target_length": 1024, "max_length": config.max_time_patches, "ema_local_encoder": True,
             "decoder": {"decoder_dim": config.hidden_size, "decoder_groups": config.decoder_groups,
                         "decoder_kernel": 3, "decoder_layers": config.decoder_layers},
         }},

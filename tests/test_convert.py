@@ -223,20 +223,27 @@ def test_teacher_of_ema_encoder_only_runs_on_the_student_embeddings(tmp_path):
         convert_checkpoint(tmp_path / "incomplete.pt", tmp_path / "c")
 
 
-def test_teacher_without_its_own_local_encoder_runs_on_the_student_patch_stem(tmp_path, caplog):
-    """ema_local_encoder=false: the original's teacher copy has no local encoder (the patch stem) and reads the
-    student's patch embeddings (then its own positions, CLS, context norm and blocks)."""
-    model = fp16_rounded(small_pretraining_model("patch", seed=5))
+@pytest.mark.parametrize("stem_type", ["multires", "patch"])
+def test_teacher_without_its_own_local_encoder_runs_on_the_student_stem(tmp_path, stem_type, caplog):
+    """ema_local_encoder=false: the original's teacher copy has its local encoder set to None and reads the student's
+    stem output (then its own positions, CLS, context norm and blocks). The patch stem is then missing from `_ema`;
+    the convolutional stem's weights are still saved there, but unused."""
+    model = fp16_rounded(small_pretraining_model(stem_type, seed=5))
     checkpoint = pretraining_checkpoint(model)
     checkpoint["cfg"]["model"]["modalities"]["image"]["ema_local_encoder"] = False
-    checkpoint["model"]["_ema"] = {k: v for k, v in checkpoint["model"]["_ema"].items()
-                                   if not k.startswith("modality_encoders.IMAGE.local_encoder.")}
+    if stem_type == "patch":
+        checkpoint["model"]["_ema"] = {k: v for k, v in checkpoint["model"]["_ema"].items()
+                                       if not k.startswith("modality_encoders.IMAGE.local_encoder.")}
     torch.save(checkpoint, tmp_path / "shared_stem.pt")
     teacher = AutoModel.from_pretrained(convert_checkpoint(tmp_path / "shared_stem.pt", tmp_path / "t", teacher=True))
     assert "ema_local_encoder=false" in caplog.text
+    unused_ema_stem = 0
     for name, value in teacher.state_dict().items():
         source = model.cat if name.startswith("embeddings.stem.") else model.teacher
         assert torch.equal(value, source.state_dict()[name]), name
+        unused_ema_stem += name.startswith("embeddings.stem.") and not torch.equal(value, model.teacher.state_dict()[name])
+    if stem_type == "multires":
+        assert unused_ema_stem > 0  # the EMA copy of the conv stem, saved in `_ema`, differs and is not used
 
 
 def _finetuned(tmp_path, *, norm_eps: float = 1e-6, **model_overrides):

@@ -474,18 +474,21 @@ def _reject_leftovers(unused: list[str], allowed: tuple[str, ...], what: str) ->
                                         f"{' ...' if len(leftovers) > 20 else ''}.")
 
 
-def _teacher_state(ema: dict, student: dict) -> dict:
+def _teacher_state(ema: dict, student: dict, stem_from_student: bool = False) -> dict:
     """The EMA teacher's CATModel state from `model["_ema"]`, given the student's converted state.
 
     With ema_encoder_only the original averages only the transformer blocks (saved as ``0.norm1.weight``, ...) and
-    runs them on the student's embeddings; with ema_local_encoder=false the teacher has no local encoder (the patch
-    stem) and reads the student's. Embedding weights missing from `_ema` are therefore the student's; missing block
-    weights stay an error.
+    runs them on the student's embeddings. With ema_local_encoder=false (`stem_from_student`) the teacher's local
+    encoder is set to None and it reads the student's stem output: the patch stem is then absent from `_ema`, while
+    the convolutional stem's weights stay there unused (its local encoder is a method that None overrides). Embedding
+    weights missing from `_ema` or unused are therefore the student's; missing block weights stay an error.
     """
     if all(re.match(r"\d+\.", key) for key in ema):
         ema = {f"blocks.{key}": value for key, value in ema.items()}
     teacher, unused = encoder_state_dict(ema)
     _reject_leftovers(unused, (), "EMA teacher")
+    if stem_from_student:
+        teacher = {k: v for k, v in teacher.items() if not k.startswith("embeddings.stem.")}
     from_student = sorted(k for k in student if k.startswith("embeddings.") and k not in teacher)
     if from_student:
         logger.warning(
@@ -540,7 +543,9 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
             leftovers.append(key)
     _reject_leftovers(leftovers, (), "pretraining checkpoint")
     if ema:
-        full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder).items()})
+        # The original's default (D2vModalityConfig) is false; the CAT recipe sets it true.
+        stem_from_student = not _image_cfg(_pretraining_model_cfg(checkpoint, kind)).get("ema_local_encoder", False)
+        full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder, stem_from_student).items()})
     else:
         full.update({f"teacher.{k[4:]}": v for k, v in list(full.items()) if k.startswith("cat.")})
     model = CATForPreTraining(config)
