@@ -453,3 +453,18 @@ def test_rr_counts_only_where_the_original_trained_it(tmp_path, proj_type, clap_
     config = CATConfig.from_pretrained(convert_checkpoint(tmp_path / "no_rr.pt", tmp_path / "out"))
     assert config.rr_loss_weight == 0.0
     assert config.rr_embedding_dim == (None if proj_type is None else 24)
+
+
+def test_patch_stem_of_another_width_is_named(tmp_path):
+    """modalities.image.embed_dim != embed_dim: the original puts a Linear after the patch stem (local_encoder.0/.1)."""
+    checkpoint = pretraining_checkpoint(small_pretraining_model("patch"))
+    state = checkpoint["model"]
+    for part in ("weight", "bias"):
+        state[f"modality_encoders.IMAGE.local_encoder.0.proj.{part}"] = state.pop(
+            f"modality_encoders.IMAGE.local_encoder.proj.{part}")
+    state["modality_encoders.IMAGE.local_encoder.1.weight"] = torch.zeros(96, 96).half()
+    checkpoint["cfg"]["model"]["modalities"]["image"]["embed_dim"] = 64
+    torch.save(checkpoint, tmp_path / "narrow_stem.pt")
+    with pytest.raises(CheckpointConversionError, match="modalities.image.embed_dim 64 != embed_dim 96"):
+        convert_checkpoint(tmp_path / "narrow_stem.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

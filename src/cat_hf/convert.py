@@ -316,6 +316,11 @@ def config_from_checkpoint(checkpoint: dict, kind: str, state: dict) -> CATConfi
     positions = encoder.get("fixed_positional_encoder.positions")
     if positions is None:
         raise CheckpointConversionError("missing key 'modality_encoders.IMAGE.fixed_positional_encoder.positions'.")
+    if "local_encoder.0.proj.weight" in encoder:  # the original's Sequential(PatchEmbed, Linear)
+        raise CheckpointConversionError(
+            f"modalities.image.embed_dim {image.get('embed_dim')} != embed_dim {hidden}: a patch stem of that width "
+            "followed by a Linear to the model's width (local_encoder.0 / local_encoder.1) is not supported."
+        )
     if "local_encoder.proj.weight" in encoder:
         fields["stem_type"] = "patch"
         fields["patch_size"] = int(encoder["local_encoder.proj.weight"].shape[-1])
