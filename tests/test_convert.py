@@ -468,3 +468,22 @@ def test_patch_stem_of_another_width_is_named(tmp_path):
     with pytest.raises(CheckpointConversionError, match="modalities.image.embed_dim 64 != embed_dim 96"):
         convert_checkpoint(tmp_path / "narrow_stem.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_fbank_rate_of_the_downsr_16hz_false_recipe(tmp_path, caplog, capsys):
+    """downsr_16hz=false trained on fbanks at the files' own rate: a warning naming --sampling-rate, or that rate."""
+    classifier, checkpoint, path = _finetuned(tmp_path)
+    checkpoint["cfg"]["task"]["downsr_16hz"] = False
+    torch.save(checkpoint, path)
+    default = CATFeatureExtractor.from_pretrained(convert_checkpoint(path, tmp_path / "default"))
+    assert default.sampling_rate == 16000 and "--sampling-rate 32000" in caplog.text
+    caplog.clear()
+    from cat_hf import cli
+
+    assert cli.main(["convert", str(path), str(tmp_path / "native"), "--sampling-rate", "32000"]) == 0
+    assert "downsr_16hz" not in caplog.text
+    native = CATFeatureExtractor.from_pretrained(tmp_path / "native")
+    assert (native.sampling_rate, native.max_length) == (32000, default.max_length)
+    assert cli.main(["convert", str(path), str(tmp_path / "bad"), "--sampling-rate", "0"]) == 2
+    assert "sampling_rate must be a positive number of Hz" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

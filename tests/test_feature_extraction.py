@@ -116,6 +116,39 @@ def test_mel_filters_match_kaldi_definition():
     assert torch.all(banks[-1] == 0)  # Nyquist bin unused, as in Kaldi
 
 
+def _kaldi_fbank_float64(wave: np.ndarray, sample_rate: int, num_mel_bins: int = 128) -> np.ndarray:
+    """Kaldi's fbank written out frame by frame in float64 (snip edges, per-frame DC removal, pre-emphasis 0.97 with
+    x[-1] := x[0], symmetric Hann window, power spectrum, mel triangles from 20 Hz to Nyquist, log)."""
+    from cat_hf.feature_extraction_cat import _kaldi_mel_banks
+
+    window, shift = sample_rate * 25 // 1000, sample_rate * 10 // 1000
+    n_fft = 1 << (window - 1).bit_length()
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(window) / (window - 1))
+    banks = _kaldi_mel_banks(num_mel_bins, n_fft, float(sample_rate), 20.0, 0.0).double().numpy()
+    rows = []
+    for start in range(0, len(wave) - window + 1, shift):
+        frame = wave[start:start + window].astype(np.float64)
+        frame = frame - frame.mean()
+        frame = frame - 0.97 * np.concatenate([frame[:1], frame[:-1]])
+        power = np.abs(np.fft.rfft(frame * hann, n_fft)) ** 2
+        rows.append(np.log(np.maximum(power @ banks, np.finfo(np.float32).eps)))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("sample_rate", [32000, 8000])
+def test_fbank_at_other_native_rates_matches_a_direct_computation(sample_rate):
+    """For models trained on fbanks at another rate (the original's downsr_16hz=false recipe: the files' own rate)."""
+    wave = _clip(0.6, 3, sr=sample_rate)
+    ours, frames = kaldi_fbank_batch(torch.from_numpy(wave)[None], [len(wave)], sample_rate=sample_rate)
+    expected = torch.from_numpy(_kaldi_fbank_float64(wave, sample_rate))
+    assert int(frames[0]) == expected.shape[0] == 1 + (len(wave) - sample_rate // 40) // (sample_rate // 100)
+    assert_fbank_close(ours[0, : expected.shape[0]], expected, atol=1e-4)
+    extractor = CATFeatureExtractor(sampling_rate=sample_rate, max_length=64)
+    values = extractor(wave, sampling_rate=sample_rate, return_tensors="pt")["input_values"][0]
+    mean, std = extractor.mean, extractor.std
+    assert_fbank_close(values[: expected.shape[0]] * (2 * std) + mean, expected, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Batching and padding
 # ------------------------------------------------------------------------------------------------------------

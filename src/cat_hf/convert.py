@@ -404,23 +404,27 @@ def _labels(checkpoint: dict, num_classes: int) -> dict[int, str]:
     return id2label
 
 
-def feature_extractor_from_checkpoint(checkpoint: dict, patch_size: int = 16) -> CATFeatureExtractor:
+def feature_extractor_from_checkpoint(
+    checkpoint: dict, patch_size: int = 16, sampling_rate: int | None = None
+) -> CATFeatureExtractor:
     """Statistics from the task's dataset flags (ESC-50 / Speech Commands / AudioSet), length from target_length,
-    `padding="longest"` rounded to whole patches of the model."""
+    `padding="longest"` rounded to whole patches of the model; the fbank at `sampling_rate` (default 16 kHz, the
+    rate of the recipe's downsr_16hz=true)."""
     task = checkpoint["cfg"].get("task") or {}
     model = checkpoint["cfg"].get("model") or {}
     # The dataset (which normalises) reads the task's flags; the model's copy only stands in where the task has none.
     flag = lambda name: bool(task[name] if name in task else model.get(name))  # noqa: E731
     preset = "speechcommands" if flag("spcv2_eval") else "esc50" if flag("esc50_eval") else "audioset"
     stats = FEATURE_PRESETS[preset]
-    if task.get("downsr_16hz") is False:
+    if task.get("downsr_16hz") is False and sampling_rate is None:
         logger.warning(
             "task.downsr_16hz=false: the original computed the fbank at the audio files' own sampling rate (32 kHz "
-            "for the authors' AudioSet copy). The converted extractor works at 16 kHz, like downsr_16hz=true; for "
-            "the other recipe save CATFeatureExtractor(sampling_rate=32000, ...) in the folder instead."
+            "for the authors' AudioSet copy). The converted extractor works at 16 kHz, like downsr_16hz=true; pass "
+            "the training files' rate (--sampling-rate 32000 on the command line) to convert for that recipe."
         )
     target_length = int(task.get("target_length") or model.get("target_length") or stats["max_length"])
-    return CATFeatureExtractor(**{**stats, "max_length": target_length, "pad_to_multiple_of": patch_size})
+    return CATFeatureExtractor(**{**stats, "max_length": target_length, "pad_to_multiple_of": patch_size,
+                                  "sampling_rate": sampling_rate or 16000})
 
 
 def _rename(key: str, rules) -> str | None:
@@ -563,16 +567,22 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
 
 
 def convert_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *,
-                       teacher: bool = False, overwrite: bool = False) -> Path:
+                       teacher: bool = False, overwrite: bool = False, sampling_rate: int | None = None) -> Path:
     """Convert an original checkpoint into `output_dir` (model weights as safetensors, config with auto_map,
-    feature extractor, model source files). Nothing is written if anything fails."""
+    feature extractor, model source files). Nothing is written if anything fails.
+
+    `sampling_rate`: the rate of the fbanks the model was trained on, for checkpoints of the downsr_16hz=false recipe
+    (the audio files' own rate); default 16 kHz.
+    """
+    if sampling_rate is not None and sampling_rate <= 0:
+        raise ValueError(f"sampling_rate must be a positive number of Hz, got {sampling_rate}.")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True "
                               "(--overwrite on the command line).")
     checkpoint = load_original_checkpoint(checkpoint_path)
     model = build_model(checkpoint, teacher=teacher)
-    feature_extractor = feature_extractor_from_checkpoint(checkpoint, model.config.patch_size)
+    feature_extractor = feature_extractor_from_checkpoint(checkpoint, model.config.patch_size, sampling_rate)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -593,12 +603,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", action="store_true",
                         help="export the EMA teacher of a pretraining checkpoint instead of the student")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--sampling-rate", type=int, default=None, metavar="HZ",
+                        help="rate of the fbanks the model was trained on: the training files' own rate for the "
+                             "task.downsr_16hz=false recipe (32000 for the authors' AudioSet copy); default 16000")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
-        out = convert_checkpoint(args.checkpoint, args.output_dir, teacher=args.teacher, overwrite=args.overwrite)
-    except (CheckpointConversionError, FileExistsError) as error:
+        out = convert_checkpoint(args.checkpoint, args.output_dir, teacher=args.teacher, overwrite=args.overwrite,
+                                 sampling_rate=args.sampling_rate)
+    except (FileExistsError, ValueError) as error:  # CheckpointConversionError is a ValueError
         print(f"cat-hf convert: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
