@@ -487,3 +487,19 @@ def test_fbank_rate_of_the_downsr_16hz_false_recipe(tmp_path, caplog, capsys):
     assert cli.main(["convert", str(path), str(tmp_path / "bad"), "--sampling-rate", "0"]) == 2
     assert "sampling_rate must be a positive number of Hz" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+    checkpoint["cfg"]["task"]["downsr_16hz"] = True  # a 16 kHz recipe: another rate is most likely a mistake
+    torch.save(checkpoint, path)
+    convert_checkpoint(path, tmp_path / "mistaken", sampling_rate=32000)
+    assert "expects 16 kHz fbanks" in caplog.text
+
+
+def test_a_cfg_without_ema_local_encoder_reads_it_off_the_saved_teacher(tmp_path):
+    """The original's default is false (the teacher has no patch stem of its own); a patch stem in `_ema` says true."""
+    model = fp16_rounded(small_pretraining_model("patch", seed=6))
+    checkpoint = pretraining_checkpoint(model)
+    del checkpoint["cfg"]["model"]["modalities"]["image"]["ema_local_encoder"]
+    torch.save(checkpoint, tmp_path / "own_stem.pt")
+    teacher = AutoModel.from_pretrained(convert_checkpoint(tmp_path / "own_stem.pt", tmp_path / "t", teacher=True))
+    assert torch.equal(teacher.embeddings.stem.proj.weight, model.teacher.embeddings.stem.proj.weight)
+    assert not torch.equal(teacher.embeddings.stem.proj.weight, model.cat.embeddings.stem.proj.weight)

@@ -380,3 +380,15 @@ def test_two_process_data_parallel_keeps_replicas_identical(corpus, tmp_path):
     assert rank0["student"] != rank0["teacher"]  # the teacher is an average, not a copy
     summary = json.loads((tmp_path / "ddp" / "training_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["batch_size"] == 8
+
+
+def test_continuing_from_a_model_with_fbanks_at_another_rate_is_refused(corpus, tmp_path):
+    """A model converted with `cat-hf convert --sampling-rate 32000` expects 32 kHz fbanks; pretraining makes 16 kHz."""
+    from cat_hf import CATConfig, CATFeatureExtractor
+
+    folder = tmp_path / "native-32k"
+    CATConfig.from_preset("cat-tiny").save_pretrained(folder)
+    CATFeatureExtractor(sampling_rate=32000).save_pretrained(folder)
+    with pytest.raises(ValueError, match="computes its fbanks at 32000 Hz, but pretraining works at 16000 Hz"):
+        pretrain(_config(corpus, tmp_path / "out", init_from=str(folder)))
+    assert not (tmp_path / "out").exists()

@@ -416,6 +416,12 @@ def feature_extractor_from_checkpoint(
     flag = lambda name: bool(task[name] if name in task else model.get(name))  # noqa: E731
     preset = "speechcommands" if flag("spcv2_eval") else "esc50" if flag("esc50_eval") else "audioset"
     stats = FEATURE_PRESETS[preset]
+    if sampling_rate not in (None, 16000) and task.get("downsr_16hz") is not False:
+        logger.warning(
+            f"sampling_rate={sampling_rate}, but this checkpoint's task resampled its audio to 16 kHz before the "
+            "fbank (downsr_16hz is not false): its model expects 16 kHz fbanks. Convert without --sampling-rate "
+            "unless you know better."
+        )
     if task.get("downsr_16hz") is False and sampling_rate is None:
         logger.warning(
             "task.downsr_16hz=false: the original computed the fbank at the audio files' own sampling rate (32 kHz "
@@ -552,8 +558,10 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
             leftovers.append(key)
     _reject_leftovers(leftovers, (), "pretraining checkpoint")
     if ema:
-        # The original's default (D2vModalityConfig) is false; the CAT recipe sets it true.
-        stem_from_student = not _image_cfg(_pretraining_model_cfg(checkpoint, kind)).get("ema_local_encoder", False)
+        ema_local_encoder = _image_cfg(_pretraining_model_cfg(checkpoint, kind)).get("ema_local_encoder")
+        if ema_local_encoder is None:  # the original's default is false; a patch stem saved in `_ema` says true
+            ema_local_encoder = any(key.endswith("local_encoder.proj.weight") for key in ema)
+        stem_from_student = not ema_local_encoder
         full.update({f"teacher.{k}": v for k, v in _teacher_state(ema, encoder, stem_from_student).items()})
     else:
         full.update({f"teacher.{k[4:]}": v for k, v in list(full.items()) if k.startswith("cat.")})
@@ -575,7 +583,7 @@ def convert_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.
     (the audio files' own rate); default 16 kHz.
     """
     if sampling_rate is not None and sampling_rate <= 0:
-        raise ValueError(f"sampling_rate must be a positive number of Hz, got {sampling_rate}.")
+        raise CheckpointConversionError(f"sampling_rate must be a positive number of Hz, got {sampling_rate}.")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True "
@@ -612,7 +620,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.checkpoint, args.output_dir, teacher=args.teacher, overwrite=args.overwrite,
                                  sampling_rate=args.sampling_rate)
-    except (FileExistsError, ValueError) as error:  # CheckpointConversionError is a ValueError
+    except (CheckpointConversionError, FileExistsError) as error:
         print(f"cat-hf convert: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -442,12 +442,16 @@ def _cpu_output(rows: int, num_mel_bins: int) -> np.ndarray:
     Fresh memory costs the kernel's page zeroing on first touch (2.6 ms of a ~45 ms call on 64 ten-second clips,
     in the single-threaded log). The caller gets a view of the kept memory; every tensor, view or numpy array made
     from it keeps that view alive, so the memory is reused only after the view has been freed (a weak reference
-    tells, whatever the interpreter's reference counting).
+    tells, whatever the interpreter's reference counting). Numpy views of the kept memory itself bypass that check
+    (numpy makes them views of `memory`): only the handed-out view may leave the kernel. (A tensor moved to shared
+    memory with `share_memory_()` lets go of the view while numpy arrays taken from it before still point here, as
+    they would point at freed memory without the reuse: take `.numpy()` after `share_memory_()`.)
     """
     kept = getattr(_THREAD_BUFFERS, "output", None)
     if kept is not None and kept[0].shape == (rows, num_mel_bins) and kept[1]() is None:
         memory = kept[0]
     else:
+        _THREAD_BUFFERS.output = kept = None  # freed (if nobody holds it) before the new one is allocated
         # Allocated by numpy: its large arrays get transparent huge pages, so the first writes into the fresh output
         # page-fault ~5x less than into a torch.empty of the same size.
         memory = np.empty((rows, num_mel_bins), dtype=np.float32)

@@ -268,7 +268,9 @@ class PretrainConfig:
             raise ValueError(f"stop_at_step must be >= 1 (or null), got {self.stop_at_step}.")
         from .configuration_cat import CAT_PRESETS
 
-        if not self.init_from and self.model.get("preset") not in CAT_PRESETS:
+        if self.init_from:
+            _check_fbank_rate(self.init_from)
+        elif self.model.get("preset") not in CAT_PRESETS:
             raise ValueError(
                 f"model.preset={self.model.get('preset')!r} is not a CAT preset; use one of {sorted(CAT_PRESETS)} "
                 "(or set init_from to a model folder)."
@@ -532,6 +534,19 @@ def build_rr_encoder(config: PretrainConfig, corpus: Any) -> tuple[Any, set[int]
     expected = _model_config(config).rr_embedding_dim
     encoder.check_embedding_dim(expected)
     return encoder, excluded
+
+
+def _check_fbank_rate(folder: str) -> None:
+    """Pretraining computes 16 kHz fbanks; a model converted from the original's downsr_16hz=false recipe (fbanks at
+    the files' own rate, `cat-hf convert --sampling-rate`) would get inputs unlike those it was trained on."""
+    extractor_file = Path(folder, "preprocessor_config.json")
+    if extractor_file.is_file():
+        rate = json.loads(extractor_file.read_text(encoding="utf-8")).get("sampling_rate", SAMPLING_RATE)
+        if rate != SAMPLING_RATE:
+            raise ValueError(
+                f"init_from {folder} computes its fbanks at {rate} Hz, but pretraining works at {SAMPLING_RATE} Hz; "
+                "continue from a 16 kHz model."
+            )
 
 
 def _model_config(config: PretrainConfig) -> CATConfig:
