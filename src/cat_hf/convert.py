@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .audio import DEFAULT_SAMPLING_RATE
 from .configuration_cat import CATConfig, RRLossType
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .modeling_cat import CATForAudioClassification, CATForPreTraining, CATModel
@@ -416,7 +417,7 @@ def feature_extractor_from_checkpoint(
     flag = lambda name: bool(task[name] if name in task else model.get(name))  # noqa: E731
     preset = "speechcommands" if flag("spcv2_eval") else "esc50" if flag("esc50_eval") else "audioset"
     stats = FEATURE_PRESETS[preset]
-    if sampling_rate not in (None, 16000) and task.get("downsr_16hz") is not False:
+    if sampling_rate not in (None, DEFAULT_SAMPLING_RATE) and task.get("downsr_16hz") is not False:
         logger.warning(
             f"sampling_rate={sampling_rate}, but this checkpoint's task resampled its audio to 16 kHz before the "
             "fbank (downsr_16hz is not false): its model expects 16 kHz fbanks. Convert without --sampling-rate "
@@ -430,7 +431,7 @@ def feature_extractor_from_checkpoint(
         )
     target_length = int(task.get("target_length") or model.get("target_length") or stats["max_length"])
     return CATFeatureExtractor(**{**stats, "max_length": target_length, "pad_to_multiple_of": patch_size,
-                                  "sampling_rate": sampling_rate or 16000})
+                                  "sampling_rate": sampling_rate or DEFAULT_SAMPLING_RATE})
 
 
 def _rename(key: str, rules) -> str | None:
