@@ -1,6 +1,7 @@
 """Benchmark corpora of real audio built from Debian packages (no internet, nothing recorded by this project).
 
     python benchmarks/corpora.py build NAME [NAME ...] --root DIR [--seed 0] [--clips-per-class 60] [--force]
+        [--split-by program] [--hits-per-class 60,15,30] [--speakers 80,15,25]
     python benchmarks/corpora.py stats NAME --root DIR
     python benchmarks/corpora.py check [NAME ...]          # are the Debian packages there? prints apt-get line
     python benchmarks/corpora.py list
@@ -16,6 +17,13 @@ Corpora (`CORPORA`):
 - `instruments`: NSynth-like instrument-family classification: single notes rendered with fluidsynth from a
   General MIDI sound font (samples of real instruments) for programs grouped into GM families, random pitch,
   velocity and note length per clip, `--clips-per-class` clips per family (chance = 1 / number of families).
+  `--split-by program` gives each GM program to one split, so the test notes come from unseen instruments.
+- `drums`: percussion-hit classification (12 classes of General MIDI drum keys), one hit per clip rendered with
+  fluidsynth with its trailing silence cut (0.1-1.5 s). Split by source: training hits come from FluidR3_GM,
+  validation and test hits from TimGM6mb (disjoint kits), a sound font never heard in training.
+- `speech-commands`: keyword spotting on the 10 Speech Commands words synthesised with espeak-ng; a speaker is an
+  English voice, a voice variant, a pitch and a speed. Split by speaker, the variants of validation and test
+  speakers never heard in training.
 - `pretrain-mix`: unlabelled pretraining audio: every Asterisk prompt, the sonic-pi samples, the freedesktop
   and ALSA sounds, and the *training* clips of `instruments` (validation/test clips of the labelled corpora are
   left out, so a pretrained model never saw the clips it is evaluated on), optionally cut into segments.
@@ -40,6 +48,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -126,6 +135,65 @@ SILENCE_PEAK = 1e-3
 CANDIDATE_FACTOR = 4
 #: The candidate notes found silent, remembered so that a resumed build does not render them again.
 SILENT_NOTES_FILE = ".silent-notes.json"
+#: How `instruments` is split: "clip" (seeded, stratified by family) or "program" (every family's GM programs go to
+#: one split each, so validation/test notes come from programs never heard in training).
+INSTRUMENT_SPLIT_BY = ("clip", "program")
+
+#: General MIDI percussion key numbers of each `drums` class (played on MIDI channel 10).
+DRUM_CLASSES: dict[str, tuple[int, ...]] = {
+    "kick": (35, 36),
+    "snare": (38, 40),
+    "rim": (37,),
+    "clap": (39,),
+    "hihat_closed": (42, 44),
+    "hihat_open": (46,),
+    "tom": (41, 43, 45, 47, 48, 50),
+    "cymbal": (49, 51, 52, 53, 55, 57, 59),
+    "cowbell": (56,),
+    "hand_drum": (60, 61, 62, 63, 64),
+    "shaker": (54, 69, 70),
+    "wood": (75, 76, 77),
+}
+#: MIDI channel 10 (index 9) plays the drum kit selected by a program change on it (GM bank 128).
+PERCUSSION_CHANNEL = 9
+#: Where the hits of each split come from: (sound font role, drum kits). Training hits are rendered from one sound
+#: font, validation and test hits from another one (a sample set never heard in training); the held-out font's
+#: kits are divided between validation and test.
+DRUM_SPLIT_KITS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "train": ("train", (0, 8, 16, 24, 25, 32, 40, 48)),
+    "validation": ("heldout", (8, 16)),
+    "test": ("heldout", (0, 24, 25, 32, 40, 48)),
+}
+#: Keys a drum kit plays as something else than the GM drum: the Orchestra kit (48) of GS-style sound fonts
+#: (FluidR3_GM) plays a chromatic timpani scale on keys 41-53 (GM toms, hi-hats and cymbals), so those are not drawn.
+DRUM_KIT_EXCLUDED_KEYS: dict[int, tuple[int, ...]] = {48: tuple(range(41, 54))}
+#: Hits per class in train, validation and test (`--hits-per-class`).
+DRUM_HITS_PER_CLASS = (60, 15, 30)
+DRUM_VELOCITY_RANGE = (30, 127)
+#: Each hit is rendered for this long (note off at the end), then its trailing silence is cut: the clip ends
+#: DRUM_TRIM_PAD_SECONDS after the last sample within DRUM_TRIM_DB of the peak, and lasts DRUM_MIN_SECONDS at least.
+DRUM_RENDER_SECONDS = 1.5
+DRUM_TRIM_DB = 50.0
+DRUM_TRIM_PAD_SECONDS = 0.02
+DRUM_MIN_SECONDS = 0.1
+#: A clip cut inside the sound (at DRUM_RENDER_SECONDS) fades out linearly over this long instead of clicking.
+FADE_OUT_SECONDS = 0.01
+#: Candidates found silent or identical to an earlier hit, remembered so that a resumed build skips them.
+SKIPPED_HITS_FILE = ".skipped-hits.json"
+
+#: The ten keywords of `speech-commands` (the command words of Google's Speech Commands).
+SPEECH_COMMAND_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+#: Speakers in train, validation and test (`--speakers`); one clip per speaker and word.
+SPEECH_SPEAKERS = (80, 15, 25)
+#: espeak-ng pitch (0-99, default 50) and speed (words per minute, default 175) drawn per speaker.
+SPEECH_PITCH_RANGE = (25, 75)
+SPEECH_SPEED_RANGE = (130, 210)
+#: espeak-ng pads its words with silence: keep SPEECH_TRIM_PAD_SECONDS around the samples within SPEECH_TRIM_DB of
+#: the peak.
+SPEECH_TRIM_DB = 45.0
+SPEECH_TRIM_PAD_SECONDS = 0.05
+#: The word each espeak-ng voice variant is tried on (variants that fail or sound like another are left out).
+ESPEAK_PROBE_WORD = "seven"
 
 
 @dataclasses.dataclass
@@ -138,6 +206,10 @@ class Sources:
     sonic_pi_dir: Path = Path("/usr/share/sonic-pi/samples")
     freedesktop_dir: Path = Path("/usr/share/sounds/freedesktop/stereo")
     alsa_dir: Path = Path("/usr/share/sounds/alsa")
+    #: `drums`: the training hits come from the first font, the validation and test hits from the second.
+    drums_train_soundfont: Path = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+    drums_heldout_soundfont: Path = Path("/usr/share/sounds/sf2/TimGM6mb.sf2")
+    espeak: str = "espeak-ng"
 
 
 #: Sound fonts tried in order, with the package that ships each.
@@ -189,6 +261,11 @@ def find_soundfont(sources: Sources) -> Path | None:
     return next((path for path, _ in SOUNDFONTS if path.is_file()), None)
 
 
+def soundfont_package(path: str | os.PathLike) -> str | None:
+    """The Debian package shipping sound font `path` (None for a font of no known package)."""
+    return next((package for font, package in SOUNDFONTS if font == Path(path)), None)
+
+
 def missing_packages(corpus: str, sources: Sources) -> tuple[list[str], list[str]]:
     """(required, optional) Debian packages missing for `corpus`; optional ones only add voices."""
     required: list[str] = []
@@ -208,6 +285,20 @@ def missing_packages(corpus: str, sources: Sources) -> tuple[list[str], list[str
             if sources.soundfont is not None:
                 raise CorpusBuildError(f"Sound font {str(sources.soundfont)!r} does not exist; fix --soundfont.")
             required.append(SOUNDFONTS[0][1])
+    if corpus == "drums":
+        if shutil.which(sources.fluidsynth) is None:
+            required.append("fluidsynth")
+        for font in (sources.drums_train_soundfont, sources.drums_heldout_soundfont):
+            if not Path(font).is_file():
+                package = soundfont_package(font)
+                if package is None:
+                    raise CorpusBuildError(
+                        f"Sound font {str(font)!r} does not exist; fix --drums-train-soundfont or "
+                        "--drums-heldout-soundfont."
+                    )
+                required.append(package)
+    if corpus == "speech-commands" and shutil.which(sources.espeak) is None:
+        required.append("espeak-ng")
     if corpus == "pretrain-mix":
         for folder, package in (
             (sources.sonic_pi_dir, "sonic-pi-samples"),
@@ -264,6 +355,43 @@ def speed_perturb(waveform: np.ndarray, factor: float, rate: int = SAMPLING_RATE
     return np.ascontiguousarray(soxr.resample(waveform, rate * factor, rate, quality="HQ"), dtype=np.float32)
 
 
+def trim_silence(
+    waveform: np.ndarray,
+    *,
+    threshold_db: float,
+    pad_seconds: float,
+    leading: bool = True,
+    min_seconds: float = 0.0,
+    max_seconds: float | None = None,
+    rate: int = SAMPLING_RATE,
+) -> np.ndarray:
+    """Cuts the silence around a sound.
+
+    The sound spans the first to the last sample whose magnitude is within `threshold_db` of the clip's peak. The
+    cut keeps `pad_seconds` after it, and before it when `leading` (otherwise everything from the start, so an
+    onset stays intact). The result lasts at least `min_seconds` (more of the signal, zeros past its end) and at
+    most `max_seconds`; a cut inside the sound fades out over FADE_OUT_SECONDS instead of clicking.
+    """
+    signal = np.asarray(waveform, dtype=np.float32)
+    magnitude = np.abs(signal)
+    peak = float(magnitude.max()) if signal.size else 0.0
+    if peak <= 0.0:
+        raise ValueError("Cannot trim the silence of a clip that is all silence; skip such clips instead.")
+    loud = np.flatnonzero(magnitude >= peak * 10 ** (-threshold_db / 20))
+    pad = round(pad_seconds * rate)
+    start = max(0, int(loud[0]) - pad) if leading else 0
+    end = max(min(len(signal), int(loud[-1]) + 1 + pad), start + round(min_seconds * rate))
+    cut_inside = False
+    if max_seconds is not None and end - start > round(max_seconds * rate):
+        end = start + round(max_seconds * rate)
+        cut_inside = end <= int(loud[-1])
+    out = np.pad(signal[start:end], (0, max(0, end - len(signal))))
+    if cut_inside:
+        fade = min(len(out), round(FADE_OUT_SECONDS * rate))
+        out[len(out) - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def write_wav(path: Path, waveform: np.ndarray, rate: int = SAMPLING_RATE) -> None:
     """Writes 16-bit PCM mono atomically (hidden temporary file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +434,13 @@ def link_or_copy(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
+def wav_digest(path: str | os.PathLike) -> str:
+    """Content hash of a file's 16-bit samples (for a written clip: what is on disk, so a resumed build agrees
+    with a fresh one)."""
+    data, _ = sf.read(str(path), dtype="int16", always_2d=True)
+    return hashlib.sha1(data.tobytes()).hexdigest()
+
+
 def pcm_digest(waveform: np.ndarray) -> str:
     """Content hash of a clip (as 16-bit samples), used to drop files that are identical across packages."""
     pcm = np.round(np.clip(waveform, -1.0, 1.0) * 32767).astype("<i2")
@@ -336,13 +471,16 @@ def seconds_to_ticks(seconds: float) -> int:
     return round(seconds * 1e6 / MIDI_TEMPO_US_PER_QUARTER * MIDI_TICKS_PER_QUARTER)
 
 
-def single_note_midi(program: int, pitch: int, velocity: int, note_seconds: float, total_seconds: float) -> bytes:
-    """A format-0 Standard MIDI File playing one note on channel 0 with the given GM program.
+def single_note_midi(
+    program: int, pitch: int, velocity: int, note_seconds: float, total_seconds: float, *, channel: int = 0
+) -> bytes:
+    """A format-0 Standard MIDI File playing one note on `channel` (0-15) with the given GM program.
 
+    On the percussion channel (`PERCUSSION_CHANNEL`) the program selects the drum kit and the pitch the drum.
     The end-of-track event sits at `total_seconds`, so the player keeps running through the note's release.
     """
     for name, value, low, high in (("program", program, 0, 127), ("pitch", pitch, 0, 127),
-                                   ("velocity", velocity, 1, 127)):  # fmt: skip
+                                   ("velocity", velocity, 1, 127), ("channel", channel, 0, 15)):  # fmt: skip
         if not low <= int(value) <= high:
             raise ValueError(f"MIDI {name} must be in [{low}, {high}], got {value}.")
     if not 0 < note_seconds <= total_seconds:
@@ -351,9 +489,9 @@ def single_note_midi(program: int, pitch: int, velocity: int, note_seconds: floa
     tail_ticks = max(0, seconds_to_ticks(total_seconds) - note_ticks)
     events = b"".join([
         _variable_length(0) + b"\xff\x51\x03" + MIDI_TEMPO_US_PER_QUARTER.to_bytes(3, "big"),  # set tempo
-        _variable_length(0) + bytes([0xC0, program]),  # program change, channel 0
-        _variable_length(0) + bytes([0x90, pitch, velocity]),  # note on
-        _variable_length(note_ticks) + bytes([0x80, pitch, 0]),  # note off
+        _variable_length(0) + bytes([0xC0 | channel, program]),  # program change
+        _variable_length(0) + bytes([0x90 | channel, pitch, velocity]),  # note on
+        _variable_length(note_ticks) + bytes([0x80 | channel, pitch, 0]),  # note off
         _variable_length(tail_ticks) + b"\xff\x2f\x00",  # end of track
     ])  # fmt: skip
     header = b"MThd" + struct.pack(">IHHH", 6, 0, 1, MIDI_TICKS_PER_QUARTER)
@@ -363,6 +501,14 @@ def single_note_midi(program: int, pitch: int, velocity: int, note_seconds: floa
 # ================================================================================================================
 # splits
 # ================================================================================================================
+
+
+def split_counts(n: int, validation_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, validation, test) sizes for `n` items of one label: round(fraction * n) each, at least one for a
+    positive fraction while at least one item stays in training."""
+    n_test = min(max(1, round(test_fraction * n)) if test_fraction > 0 else 0, max(0, n - 1))
+    n_val = min(max(1, round(validation_fraction * n)) if validation_fraction > 0 else 0, max(0, n - 1 - n_test))
+    return n - n_val - n_test, n_val, n_test
 
 
 def stratified_split(
@@ -396,10 +542,7 @@ def stratified_split(
         # A per-label generator: adding a class never reshuffles the others.
         digest = int(hashlib.sha1(label.encode("utf-8")).hexdigest()[:8], 16)
         order = [members[i] for i in np.random.default_rng([seed, digest]).permutation(len(members))]
-        n = len(order)
-        n_test = min(max(1, round(test_fraction * n)) if test_fraction > 0 else 0, max(0, n - 1))
-        n_val = min(max(1, round(validation_fraction * n)) if validation_fraction > 0 else 0,
-                    max(0, n - 1 - n_test))  # fmt: skip
+        _, n_val, n_test = split_counts(len(order), validation_fraction, test_fraction)
         splits["test"].extend(order[:n_test])
         splits["validation"].extend(order[n_test:n_test + n_val])
         splits["train"].extend(order[n_test + n_val:])
@@ -435,6 +578,9 @@ class BuildOptions:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     workers: int = 2
+    split_by: str = "clip"  # instruments: "clip" or "program" (INSTRUMENT_SPLIT_BY)
+    hits_per_class: tuple[int, int, int] = DRUM_HITS_PER_CLASS  # drums: train, validation, test
+    speakers: tuple[int, int, int] = SPEECH_SPEAKERS  # speech-commands: train, validation, test
 
 
 def _log(message: str) -> None:
@@ -564,6 +710,7 @@ class CorpusBuilder:
                 "mean_seconds": round(float(np.mean(durations)), 3),
                 "min_seconds": round(float(np.min(durations)), 3),
                 "max_seconds": round(float(np.max(durations)), 3),
+                "fraction_under_half_second": round(float(np.mean(np.asarray(durations) < 0.5)), 4),
                 ("label_counts" if self.labelled else "source_counts"): dict(sorted(counts.items())),
             }
         labels = sorted({clip.label for clip in clips if clip.label is not None})
@@ -689,8 +836,7 @@ def asterisk_prompts(sources: Sources, *, min_seconds: float = MIN_SPEECH_SECOND
             relative = path.relative_to(voice)
             if relative.parts[0] == "silence" or sf.info(str(path)).duration < min_seconds:
                 continue
-            data, _ = sf.read(str(path), dtype="int16", always_2d=True)
-            digest = hashlib.sha1(data.tobytes()).hexdigest()
+            digest = wav_digest(path)
             owners.setdefault(digest, set()).add(language)
             entries.append((language, path, digest))
     clips: list[Clip] = []
@@ -705,7 +851,71 @@ def asterisk_prompts(sources: Sources, *, min_seconds: float = MIN_SPEECH_SECOND
     return clips
 
 
-class InstrumentsBuilder(CorpusBuilder):
+class RenderedCorpusBuilder(CorpusBuilder):
+    """A corpus of synthesised clips chosen from seeded candidates.
+
+    Candidates are rendered in their seeded order until enough of them sound (and, where asked, differ from
+    every clip chosen before); the others are remembered in `skipped_file`, so the chosen clips depend only on
+    the seed and the installed synthesizer data, and a resumed build renders nothing twice.
+    """
+
+    skipped_file: str = SILENT_NOTES_FILE
+
+    def _render_to_disk(self, clip: Clip) -> bool:
+        """Renders and writes `clip`; False (nothing written) when it comes out silent."""
+        raise NotImplementedError
+
+    def produce(self, clip: Clip) -> None:
+        if not self._render_to_disk(clip):  # plan() already rendered every chosen clip; this is a safety net
+            raise RuntimeError(f"{clip.origin} rendered silence on a second try; rebuild with --force.")
+
+    def _load_skipped(self) -> set[str]:
+        path = self.folder / self.skipped_file
+        return set(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else set()
+
+    def _choose(
+        self,
+        candidates: Sequence[Clip],
+        needed: int,
+        pool: ThreadPoolExecutor,
+        skipped: set[str],
+        *,
+        shortage: str,
+        digests: set[str] | None = None,
+    ) -> tuple[list[Clip], int]:
+        """The first `needed` candidates that sound, and how many were passed over on the way.
+
+        With `digests` (the 16-bit sample hashes of the clips chosen so far, updated here) a candidate identical
+        to an earlier clip is deleted and passed over too. `shortage` ends the error raised when the candidates
+        run out.
+        """
+        chosen: list[Clip] = []
+        position = 0
+        while len(chosen) < needed:
+            if position >= len(candidates):
+                raise CorpusBuildError(f"Only {len(chosen)} of {len(candidates)} candidate {shortage}.")
+            batch = candidates[position:position + needed - len(chosen)]
+            position += len(batch)
+            todo = [c for c in batch if c.path not in skipped and not (self.folder / c.path).is_file()]
+            for clip, sounded in zip(todo, pool.map(self._render_to_disk, todo)):
+                if not sounded:
+                    skipped.add(clip.path)
+            for clip in batch:
+                if clip.path in skipped:
+                    continue
+                if digests is not None:
+                    digest = wav_digest(self.folder / clip.path)
+                    if digest in digests:
+                        (self.folder / clip.path).unlink()
+                        skipped.add(clip.path)
+                        continue
+                    digests.add(digest)
+                chosen.append(clip)
+            write_text(self.folder / self.skipped_file, json.dumps(sorted(skipped), indent=0) + "\n")
+        return chosen, position - len(chosen)
+
+
+class InstrumentsBuilder(RenderedCorpusBuilder):
     name = "instruments"
     description = (
         "Instrument-family classification (NSynth-like): single notes of General MIDI programs rendered by "
@@ -715,7 +925,7 @@ class InstrumentsBuilder(CorpusBuilder):
 
     def parameters(self) -> dict[str, Any]:
         soundfont = find_soundfont(self.sources)
-        return {
+        parameters = {
             "seed": self.options.seed,
             "clips_per_class": self.options.clips_per_class,
             "families": list(self.options.families),
@@ -727,10 +937,13 @@ class InstrumentsBuilder(CorpusBuilder):
             "validation_fraction": self.options.validation_fraction,
             "test_fraction": self.options.test_fraction,
         }
+        if self.options.split_by != INSTRUMENT_SPLIT_BY[0]:  # the default build's build.json stays as it was
+            parameters["split_by"] = self.options.split_by
+        return parameters
 
     def packages(self) -> list[str]:
         soundfont = find_soundfont(self.sources)
-        font_package = next((pkg for path, pkg in SOUNDFONTS if soundfont is not None and path == soundfont), None)
+        font_package = soundfont_package(soundfont) if soundfont is not None else None
         return ["fluidsynth"] + ([font_package] if font_package else [])
 
     def plan(self) -> list[Clip]:
@@ -739,35 +952,31 @@ class InstrumentsBuilder(CorpusBuilder):
             raise CorpusBuildError(f"Unknown instrument families {unknown}; choose from {sorted(GM_FAMILIES)}.")
         if self.options.clips_per_class < 3:
             raise CorpusBuildError("--clips-per-class must be at least 3 (one clip per split).")
+        if self.options.split_by not in INSTRUMENT_SPLIT_BY:
+            raise CorpusBuildError(
+                f"Unknown --split-by {self.options.split_by!r} for instruments; choose one of {INSTRUMENT_SPLIT_BY}."
+            )
         font = self.parameters()["soundfont"]
-        silent_file = self.folder / SILENT_NOTES_FILE
-        silent: set[str] = set(json.loads(silent_file.read_text(encoding="utf-8"))) if silent_file.is_file() else set()
-        needed = self.options.clips_per_class
+        skipped = self._load_skipped()
+        by_program = self.options.split_by == "program"
         clips: list[Clip] = []
         with ThreadPoolExecutor(max_workers=max(1, int(self.options.workers))) as pool:
             for family in self.options.families:
-                candidates = self._candidates(family, font)
-                chosen: list[Clip] = []
-                position = 0
-                # Render candidates in their seeded order until `needed` of them sound: the chosen notes depend
-                # only on the seed and the sound font, and a resumed build re-renders nothing.
-                while len(chosen) < needed:
-                    if position >= len(candidates):
-                        raise CorpusBuildError(
-                            f"Only {len(chosen)} of {len(candidates)} candidate notes of family {family!r} sound with "
-                            f"sound font {font}; lower --clips-per-class or use another --soundfont."
-                        )
-                    batch = candidates[position:position + needed - len(chosen)]
-                    position += len(batch)
-                    todo = [c for c in batch if c.path not in silent and not (self.folder / c.path).is_file()]
-                    for clip, sounded in zip(todo, pool.map(self._render_to_disk, todo)):
-                        if not sounded:
-                            silent.add(clip.path)
-                    chosen.extend(c for c in batch if c.path not in silent)
-                    write_text(silent_file, json.dumps(sorted(silent), indent=0) + "\n")
-                skipped = position - len(chosen)
-                _log(f"[{self.name}]   {family}: {len(chosen)} notes ({skipped} silent candidates skipped)")
-                clips.extend(chosen)
+                groups = self._program_groups(family) if by_program else [("", None, self.options.clips_per_class)]
+                for split, programs, needed in groups:
+                    candidates = self._candidates(family, font, needed, programs=programs, stream=split)
+                    chosen, passed = self._choose(
+                        candidates, needed, pool, skipped,
+                        shortage=f"notes of family {family!r}{f' ({split})' if split else ''} sound with sound font "
+                        f"{font}; lower --clips-per-class or use another --soundfont",
+                    )  # fmt: skip
+                    for clip in chosen:
+                        clip.split = split
+                    where = f" {split} (programs {', '.join(map(str, programs))})" if programs else ""
+                    _log(f"[{self.name}]   {family}{where}: {len(chosen)} notes ({passed} silent candidates skipped)")
+                    clips.extend(chosen)
+        if by_program:
+            return clips
         splits = stratified_split(
             [c.path for c in clips], [c.label for c in clips], seed=self.options.seed,
             validation_fraction=self.options.validation_fraction, test_fraction=self.options.test_fraction,
@@ -777,17 +986,42 @@ class InstrumentsBuilder(CorpusBuilder):
             clip.split = split_of[clip.path]
         return clips
 
-    def _candidates(self, family: str, font: str | None) -> list[Clip]:
-        """Distinct seeded (program, pitch, velocity, note length) draws for `family`, in drawing order."""
+    def _program_groups(self, family: str) -> list[tuple[str, list[int], int]]:
+        """(split, the family's GM programs in it, notes to draw) for `--split-by program`.
+
+        The family's 8 programs are split like clips (seeded, `--validation-fraction`/`--test-fraction` of them,
+        at least one each), and so are its `--clips-per-class` notes; each split's notes use only its programs.
+        """
+        index = GM_FAMILIES[family][0]
+        programs = [f"{program:03d}" for program in range(8 * index, 8 * index + 8)]
+        by_split = stratified_split(
+            programs, [family] * len(programs), seed=self.options.seed,
+            validation_fraction=self.options.validation_fraction, test_fraction=self.options.test_fraction,
+        )  # fmt: skip
+        counts = split_counts(self.options.clips_per_class, self.options.validation_fraction,
+                              self.options.test_fraction)  # fmt: skip
+        return [(split, [int(p) for p in by_split[split]], n) for split, n in zip(SPLITS, counts) if n > 0]
+
+    def _candidates(
+        self, family: str, font: str | None, needed: int, *, programs: Sequence[int] | None = None, stream: str = ""
+    ) -> list[Clip]:
+        """Distinct seeded (program, pitch, velocity, note length) draws for `family`, in drawing order.
+
+        `programs` restricts the draws to some of the family's programs; `stream` names an independent random
+        stream (the split, with `--split-by program`).
+        """
         index, (low, high) = GM_FAMILIES[family]
-        digest = int(hashlib.sha1(family.encode("utf-8")).hexdigest()[:8], 16)
+        if programs is None:
+            programs = range(8 * index, 8 * index + 8)
+        name = f"{family}/{stream}" if stream else family
+        digest = int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:8], 16)
         rng = np.random.default_rng([self.options.seed, digest])
-        limit = min(CANDIDATE_FACTOR * self.options.clips_per_class,
-                    8 * (high - low + 1) * (VELOCITY_RANGE[1] - VELOCITY_RANGE[0] + 1) * len(NOTE_SECONDS))  # fmt: skip
+        velocities = VELOCITY_RANGE[1] - VELOCITY_RANGE[0] + 1
+        limit = min(CANDIDATE_FACTOR * needed, len(programs) * (high - low + 1) * velocities * len(NOTE_SECONDS))
         seen: set[tuple[int, int, int, float]] = set()
         clips: list[Clip] = []
         while len(clips) < limit:
-            program = 8 * index + int(rng.integers(0, 8))
+            program = int(programs[int(rng.integers(0, len(programs)))])
             pitch = int(rng.integers(low, high + 1))
             velocity = int(rng.integers(VELOCITY_RANGE[0], VELOCITY_RANGE[1] + 1))
             seconds = float(NOTE_SECONDS[int(rng.integers(0, len(NOTE_SECONDS)))])
@@ -802,7 +1036,6 @@ class InstrumentsBuilder(CorpusBuilder):
         return clips
 
     def _render_to_disk(self, clip: Clip) -> bool:
-        """Renders and writes `clip`; False (nothing written) when the sound font has no sample for the note."""
         extra = clip.extra
         try:
             waveform = render_note(
@@ -814,13 +1047,35 @@ class InstrumentsBuilder(CorpusBuilder):
         write_wav(self.folder / clip.path, waveform)
         return True
 
-    def produce(self, clip: Clip) -> None:
-        if not self._render_to_disk(clip):  # plan() already rendered every chosen note; this is a safety net
-            raise RuntimeError(f"{clip.origin} rendered silence on a second try; rebuild with --force.")
-
 
 class SilentNoteError(RuntimeError):
     """fluidsynth produced (near) silence: the sound font has no sample zone for that program and pitch."""
+
+
+def fluidsynth_render(fluidsynth: str, soundfont: Path, midi: bytes, seconds: float) -> np.ndarray:
+    """Plays a Standard MIDI File with fluidsynth (reverb and chorus off) and returns its first `seconds` as 16 kHz
+    mono audio, zero-padded to that length.
+
+    Raises `SilentNoteError` when the peak stays below SILENCE_PEAK; a peak above 0.99 is scaled down to 0.99 (never
+    clip), other levels are kept (they follow the velocity).
+    """
+    with tempfile.TemporaryDirectory(prefix="cat-hf-note-") as tmp:
+        midi_path, wav = Path(tmp) / "note.mid", Path(tmp) / "note.wav"
+        midi_path.write_bytes(midi)
+        command = [fluidsynth, "-ni", "-q", "-R", "0", "-C", "0", "-g", str(FLUIDSYNTH_GAIN),
+                   "-r", str(RENDER_RATE), "-F", str(wav), str(soundfont), str(midi_path)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not wav.is_file():
+            raise RuntimeError(f"fluidsynth failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-2000:]}")
+        waveform = read_mono(wav)
+    length = round(seconds * SAMPLING_RATE)
+    waveform = np.pad(waveform[:length], (0, max(0, length - len(waveform))))
+    peak = float(np.max(np.abs(waveform)))
+    if peak < SILENCE_PEAK:
+        raise SilentNoteError(f"fluidsynth rendered silence from {Path(soundfont).name}.")
+    if peak > 0.99:  # never clip; keep the velocity's loudness otherwise
+        waveform = waveform * (0.99 / peak)
+    return waveform.astype(np.float32)
 
 
 def render_note(
@@ -830,23 +1085,292 @@ def render_note(
     soundfont = find_soundfont(sources)
     if soundfont is None:
         raise MissingPackagesError("instruments", [SOUNDFONTS[0][1]])
-    with tempfile.TemporaryDirectory(prefix="cat-hf-note-") as tmp:
-        midi, wav = Path(tmp) / "note.mid", Path(tmp) / "note.wav"
-        midi.write_bytes(single_note_midi(program, pitch, velocity, note_seconds, clip_seconds))
-        command = [sources.fluidsynth, "-ni", "-q", "-R", "0", "-C", "0", "-g", str(FLUIDSYNTH_GAIN),
-                   "-r", str(RENDER_RATE), "-F", str(wav), str(soundfont), str(midi)]  # fmt: skip
+    midi = single_note_midi(program, pitch, velocity, note_seconds, clip_seconds)
+    return fluidsynth_render(sources.fluidsynth, soundfont, midi, clip_seconds)
+
+
+def render_drum_hit(fluidsynth: str, soundfont: Path, kit: int, key: int, velocity: int) -> np.ndarray:
+    """One hit of GM drum `key` from drum kit `kit` (16 kHz mono), its trailing silence cut (see DRUM_TRIM_DB)."""
+    midi = single_note_midi(kit, key, velocity, DRUM_RENDER_SECONDS, DRUM_RENDER_SECONDS, channel=PERCUSSION_CHANNEL)
+    waveform = fluidsynth_render(fluidsynth, soundfont, midi, DRUM_RENDER_SECONDS)
+    return trim_silence(
+        waveform, threshold_db=DRUM_TRIM_DB, pad_seconds=DRUM_TRIM_PAD_SECONDS, leading=False,
+        min_seconds=DRUM_MIN_SECONDS, max_seconds=DRUM_RENDER_SECONDS,
+    )  # fmt: skip
+
+
+class DrumsBuilder(RenderedCorpusBuilder):
+    name = "drums"
+    description = (
+        "Percussion classification: single General MIDI drum hits (12 classes of drum keys) rendered by fluidsynth, "
+        "random key, velocity and drum kit, trailing silence cut (hits of 0.1-1.5 s). Split by source: training "
+        "hits come from one sound font, validation and test hits from another (disjoint kits), never heard in "
+        "training."
+    )
+    skipped_file = SKIPPED_HITS_FILE
+
+    def _fonts(self) -> dict[str, Path]:
+        """Sound font role ('train', 'heldout') -> file."""
+        sources = self.sources
+        return {"train": Path(sources.drums_train_soundfont), "heldout": Path(sources.drums_heldout_soundfont)}
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "seed": self.options.seed,
+            "hits_per_class": dict(zip(SPLITS, map(int, self.options.hits_per_class))),
+            "classes": {label: list(keys) for label, keys in DRUM_CLASSES.items()},
+            "excluded_keys": {str(kit): list(keys) for kit, keys in DRUM_KIT_EXCLUDED_KEYS.items()},
+            "soundfonts": {role: font.name for role, font in self._fonts().items()},
+            "split_kits": {
+                split: {"soundfont": role, "kits": list(kits)} for split, (role, kits) in DRUM_SPLIT_KITS.items()
+            },
+            "velocity_range": list(DRUM_VELOCITY_RANGE),
+            "render_seconds": DRUM_RENDER_SECONDS,
+            "trim_db": DRUM_TRIM_DB,
+            "trim_pad_seconds": DRUM_TRIM_PAD_SECONDS,
+            "min_seconds": DRUM_MIN_SECONDS,
+            "gain": FLUIDSYNTH_GAIN,
+        }
+
+    def packages(self) -> list[str]:
+        return ["fluidsynth"] + [p for p in map(soundfont_package, self._fonts().values()) if p is not None]
+
+    def plan(self) -> list[Clip]:
+        counts = tuple(self.options.hits_per_class)
+        if len(counts) != len(SPLITS) or min(counts) < 1:
+            raise CorpusBuildError(
+                f"--hits-per-class needs three positive counts (train,validation,test), got {counts}."
+            )
+        fonts = self._fonts()
+        if len({font.name for font in fonts.values()}) < len(fonts):
+            raise CorpusBuildError(
+                "drums needs two different sound fonts (the held-out one provides the validation and test hits); "
+                f"got {fonts['train']} twice. Fix --drums-train-soundfont or --drums-heldout-soundfont."
+            )
+        skipped = self._load_skipped()
+        digests: set[str] = set()
+        clips: list[Clip] = []
+        with ThreadPoolExecutor(max_workers=max(1, int(self.options.workers))) as pool:
+            for split, needed in zip(SPLITS, counts):
+                role, kits = DRUM_SPLIT_KITS[split]
+                for label in DRUM_CLASSES:
+                    candidates = self._candidates(label, split, fonts[role], kits, needed)
+                    chosen, passed = self._choose(
+                        candidates, needed, pool, skipped, digests=digests,
+                        shortage=f"{split} {label!r} hits of {fonts[role].name} kits {list(kits)} sound and differ; "
+                        "lower --hits-per-class",
+                    )  # fmt: skip
+                    for clip in chosen:
+                        clip.split = split
+                    _log(f"[{self.name}]   {split} {label}: {len(chosen)} hits from {fonts[role].name} "
+                         f"({passed} silent or duplicate candidates skipped)")  # fmt: skip
+                    clips.extend(chosen)
+        return clips
+
+    def _candidates(self, label: str, split: str, font: Path, kits: Sequence[int], needed: int) -> list[Clip]:
+        """Distinct seeded (kit, key, velocity) draws of class `label` for `split`, in drawing order."""
+        keys = DRUM_CLASSES[label]
+        digest = int(hashlib.sha1(f"drums/{split}/{label}".encode("utf-8")).hexdigest()[:8], 16)
+        rng = np.random.default_rng([self.options.seed, digest])
+        velocities = DRUM_VELOCITY_RANGE[1] - DRUM_VELOCITY_RANGE[0] + 1
+        playable = sum(key not in DRUM_KIT_EXCLUDED_KEYS.get(kit, ()) for kit in kits for key in keys)
+        limit = min(CANDIDATE_FACTOR * needed, playable * velocities)
+        seen: set[tuple[int, int, int]] = set()
+        clips: list[Clip] = []
+        while len(clips) < limit:
+            kit = int(kits[int(rng.integers(0, len(kits)))])
+            key = int(keys[int(rng.integers(0, len(keys)))])
+            velocity = int(rng.integers(DRUM_VELOCITY_RANGE[0], DRUM_VELOCITY_RANGE[1] + 1))
+            if (kit, key, velocity) in seen or key in DRUM_KIT_EXCLUDED_KEYS.get(kit, ()):
+                continue
+            seen.add((kit, key, velocity))
+            stem = f"{label}_{font.stem}_kit{kit:03d}_k{key:03d}_v{velocity:03d}"
+            origin = f"fluidsynth:{font.name}:kit={kit}:key={key}:velocity={velocity}"
+            clips.append(Clip(f"{label}/{stem}.wav", label, "", origin,
+                              {"soundfont": font.name, "kit": kit, "key": key, "velocity": velocity}))  # fmt: skip
+        return clips
+
+    def _render_to_disk(self, clip: Clip) -> bool:
+        font = next(f for f in self._fonts().values() if f.name == clip.extra["soundfont"])
+        extra = clip.extra
+        try:
+            waveform = render_drum_hit(self.sources.fluidsynth, font, int(extra["kit"]), int(extra["key"]),
+                                       int(extra["velocity"]))  # fmt: skip
+        except SilentNoteError:
+            return False
+        write_wav(self.folder / clip.path, waveform)
+        return True
+
+
+#: One row of `espeak-ng --voices=...`: priority, language, age/gender, name, file, then (other languages).
+_ESPEAK_VOICE_ROW = re.compile(r"^\s*\d+\s+(?P<language>\S+)\s+\S+\s+\S+\s+(?P<file>[^(]+?)\s*(?:\(.*\))?$")
+
+
+def espeak_voice_table(espeak: str, which: str) -> list[tuple[str, str]]:
+    """(language, voice file) of every row `espeak-ng --voices=WHICH` lists."""
+    result = subprocess.run([espeak, f"--voices={which}"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{espeak} --voices={which} failed ({result.returncode}): {result.stderr[-2000:]}")
+    rows = [_ESPEAK_VOICE_ROW.match(line) for line in result.stdout.splitlines()[1:]]
+    return [(row["language"], row["file"]) for row in rows if row]
+
+
+def espeak_english_voices(espeak: str) -> list[str]:
+    """English espeak-ng voices by language code (en-gb, en-us, ...), leaving out MBROLA voices (extra packages)."""
+    voices = [language for language, file in espeak_voice_table(espeak, "en")
+              if (language == "en" or language.startswith("en-")) and not file.startswith("mb/")]  # fmt: skip
+    return sorted(set(voices))
+
+
+def espeak_say(
+    espeak: str, voice: str, word: str, *, variant: str = "", pitch: int = 50, speed: int = 175
+) -> np.ndarray:
+    """`word` spoken by espeak-ng voice `voice` (+`variant`) at `pitch` (0-99) and `speed` (words per minute), as
+    16 kHz mono audio (espeak-ng writes 22.05 kHz, soxr resamples)."""
+    with tempfile.TemporaryDirectory(prefix="cat-hf-espeak-") as tmp:
+        wav = Path(tmp) / "word.wav"
+        command = [espeak, "-v", f"{voice}+{variant}" if variant else voice, "-s", str(int(speed)),
+                   "-p", str(int(pitch)), "-w", str(wav), word]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0 or not wav.is_file():
-            raise RuntimeError(f"fluidsynth failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-2000:]}")
-        waveform = read_mono(wav)
-    length = round(clip_seconds * SAMPLING_RATE)
-    waveform = np.pad(waveform[:length], (0, max(0, length - len(waveform))))
-    peak = float(np.max(np.abs(waveform)))
-    if peak < SILENCE_PEAK:
-        raise SilentNoteError(f"fluidsynth rendered silence for program {program}, pitch {pitch}.")
-    if peak > 0.99:  # never clip; keep the velocity's loudness otherwise
-        waveform = waveform * (0.99 / peak)
-    return waveform.astype(np.float32)
+            raise RuntimeError(f"espeak-ng failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-2000:]}")
+        return read_mono(wav)
+
+
+def espeak_variants(espeak: str, voice: str, *, workers: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The voice variants (`espeak-ng --voices=variant`) that give a voice of their own, and why the others do not.
+
+    Each variant says ESPEAK_PROBE_WORD with `voice`; a variant is left out when that fails, is silent, or sounds
+    exactly like the plain voice (espeak-ng falls back to it for a variant it cannot load) or like an earlier
+    variant (an alias). Names with spaces are left out too (they cannot be joined to a voice name).
+    """
+    names = sorted({file[len("!v/"):] for language, file in espeak_voice_table(espeak, "variant")
+                    if language == "variant" and file.startswith("!v/")})  # fmt: skip
+    dropped = {name: "name has a space" for name in names if any(c.isspace() for c in name)}
+    names = [name for name in names if name not in dropped]
+
+    def probe(variant: str) -> str | None:
+        try:
+            waveform = espeak_say(espeak, voice, ESPEAK_PROBE_WORD, variant=variant)
+        except RuntimeError:
+            return None
+        return pcm_digest(waveform) if float(np.max(np.abs(waveform), initial=0.0)) >= SILENCE_PEAK else None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        base, *digests = list(pool.map(probe, ["", *names]))
+    if base is None:
+        raise CorpusBuildError(f"espeak-ng voice {voice!r} says nothing; check the espeak-ng installation.")
+    owner: dict[str, str] = {base: "the plain voice"}
+    usable: list[str] = []
+    for name, digest in zip(names, digests):
+        if digest is None:
+            dropped[name] = "fails or is silent"
+        elif digest in owner:
+            dropped[name] = f"sounds like {owner[digest]}"
+        else:
+            owner[digest] = name
+            usable.append(name)
+    return usable, dropped
+
+
+class SpeechCommandsBuilder(CorpusBuilder):
+    name = "speech-commands"
+    description = (
+        "Keyword spotting: the 10 Speech Commands words (yes, no, up, down, left, right, on, off, stop, go) "
+        "synthesised by espeak-ng; a speaker is an English voice (accent), a voice variant, a pitch and a speed. "
+        "Split by speaker, with the variants of validation and test speakers never heard in training."
+    )
+
+    def __init__(self, root: Path, options: BuildOptions, sources: Sources):
+        super().__init__(root, options, sources)
+        self._voices: tuple[list[str], list[str]] | None = None
+
+    def voices(self) -> tuple[list[str], list[str]]:
+        """(English voices, usable variants) of the installed espeak-ng, found once per builder."""
+        if self._voices is None:
+            voices = espeak_english_voices(self.sources.espeak)
+            if not voices:
+                raise CorpusBuildError(f"{self.sources.espeak} lists no English voice; reinstall espeak-ng-data.")
+            probe_voice = "en-us" if "en-us" in voices else voices[0]
+            variants, dropped = espeak_variants(self.sources.espeak, probe_voice, workers=self.options.workers)
+            if dropped:
+                _log(f"[{self.name}] {len(dropped)} espeak-ng variants left out: "
+                     + ", ".join(f"{name} ({why})" for name, why in sorted(dropped.items())))  # fmt: skip
+            self._voices = (voices, variants)
+        return self._voices
+
+    def parameters(self) -> dict[str, Any]:
+        voices, variants = self.voices()
+        return {
+            "seed": self.options.seed,
+            "words": list(SPEECH_COMMAND_WORDS),
+            "speakers": dict(zip(SPLITS, map(int, self.options.speakers))),
+            "voices": voices,
+            "variants": variants,
+            "pitch_range": list(SPEECH_PITCH_RANGE),
+            "speed_range": list(SPEECH_SPEED_RANGE),
+            "trim_db": SPEECH_TRIM_DB,
+            "trim_pad_seconds": SPEECH_TRIM_PAD_SECONDS,
+        }
+
+    def packages(self) -> list[str]:
+        return ["espeak-ng", "espeak-ng-data"]
+
+    def speakers(self) -> list[dict[str, Any]]:
+        """The speakers of every split: id, split, voice, variant, pitch, speed (seeded).
+
+        The variants are split first (in proportion to the speakers per split), so no validation or test speaker
+        shares a variant with a training speaker; each split's speakers take its variants in turn, with a random
+        voice, pitch and speed each.
+        """
+        counts = tuple(int(n) for n in self.options.speakers)
+        if len(counts) != len(SPLITS) or min(counts) < 1:
+            raise CorpusBuildError(f"--speakers needs three positive counts (train,validation,test), got {counts}.")
+        voices, variants = self.voices()
+        total = sum(counts)
+        if len(variants) < len(SPLITS):
+            raise CorpusBuildError(f"Only {len(variants)} usable espeak-ng variants; speech-commands needs 3 or more.")
+        by_split = stratified_split(
+            variants, ["variant"] * len(variants), seed=self.options.seed,
+            validation_fraction=counts[1] / total, test_fraction=counts[2] / total,
+        )  # fmt: skip
+        rng = np.random.default_rng([self.options.seed, int(hashlib.sha1(b"speech-commands").hexdigest()[:8], 16)])
+        speakers: list[dict[str, Any]] = []
+        seen: set[tuple[str, str, int, int]] = set()
+        for split, count in zip(SPLITS, counts):
+            order = [by_split[split][i] for i in rng.permutation(len(by_split[split]))]
+            for k in range(count):
+                variant = order[k % len(order)]
+                while True:
+                    voice = voices[int(rng.integers(0, len(voices)))]
+                    pitch = int(rng.integers(SPEECH_PITCH_RANGE[0], SPEECH_PITCH_RANGE[1] + 1))
+                    speed = int(rng.integers(SPEECH_SPEED_RANGE[0], SPEECH_SPEED_RANGE[1] + 1))
+                    if (voice, variant, pitch, speed) not in seen:
+                        break
+                seen.add((voice, variant, pitch, speed))
+                speakers.append({"speaker": f"spk{len(speakers):03d}", "split": split, "voice": voice,
+                                 "variant": variant, "pitch": pitch, "speed": speed})  # fmt: skip
+        return speakers
+
+    def plan(self) -> list[Clip]:
+        clips: list[Clip] = []
+        for speaker in self.speakers():
+            extra = {key: speaker[key] for key in ("speaker", "voice", "variant", "pitch", "speed")}
+            for word in SPEECH_COMMAND_WORDS:
+                origin = (f"espeak-ng:{speaker['voice']}+{speaker['variant']}:pitch={speaker['pitch']}:"
+                          f"speed={speaker['speed']}:{word}")  # fmt: skip
+                path = f"{word}/{word}_{speaker['speaker']}.wav"
+                clips.append(Clip(path, word, speaker["split"], origin, dict(extra)))
+        return clips
+
+    def produce(self, clip: Clip) -> None:
+        extra = clip.extra
+        waveform = espeak_say(self.sources.espeak, extra["voice"], clip.label, variant=extra["variant"],
+                              pitch=int(extra["pitch"]), speed=int(extra["speed"]))  # fmt: skip
+        if float(np.max(np.abs(waveform), initial=0.0)) < SILENCE_PEAK:
+            raise RuntimeError(f"{clip.origin} came out silent, though its variant said {ESPEAK_PROBE_WORD!r}.")
+        write_wav(self.folder / clip.path,
+                  trim_silence(waveform, threshold_db=SPEECH_TRIM_DB, pad_seconds=SPEECH_TRIM_PAD_SECONDS))
 
 
 class PretrainMixBuilder(CorpusBuilder):
@@ -908,8 +1432,7 @@ class PretrainMixBuilder(CorpusBuilder):
                 relative = path.relative_to(voice)
                 if relative.parts[0] == "silence" or str(path) in held_out:
                     continue
-                data, _ = sf.read(str(path), dtype="int16", always_2d=True)
-                digest = hashlib.sha1(data.tobytes()).hexdigest()
+                digest = wav_digest(path)
                 if digest in seen:  # beeps/tones shipped identically in several packages: keep one copy
                     continue
                 seen.add(digest)
@@ -975,8 +1498,11 @@ class PretrainMixBuilder(CorpusBuilder):
 
 BUILDERS: dict[str, type[CorpusBuilder]] = {
     builder.name: builder
-    for builder in (SpokenWordsBuilder, SpokenLanguageBuilder, InstrumentsBuilder, PretrainMixBuilder)
-}
+    for builder in (
+        SpokenWordsBuilder, SpokenLanguageBuilder, InstrumentsBuilder, DrumsBuilder, SpeechCommandsBuilder,
+        PretrainMixBuilder,
+    )
+}  # fmt: skip
 CORPORA = tuple(BUILDERS)
 
 
@@ -1005,7 +1531,9 @@ def describe(stats: Mapping[str, Any]) -> str:
         counts = info.get("label_counts") or info.get("source_counts") or {}
         lines.append(
             f"  {split:<10} {info['clips']:>5} clips {info['hours'] * 60:7.1f} min  "
-            f"(mean {info['mean_seconds']:.2f} s, {info['min_seconds']:.2f}-{info['max_seconds']:.2f} s)"
+            f"(mean {info['mean_seconds']:.2f} s, {info['min_seconds']:.2f}-{info['max_seconds']:.2f} s"
+            + (f", {info['fraction_under_half_second']:.0%} < 0.5 s" if "fraction_under_half_second" in info else "")
+            + ")"
         )
         lines.append("    " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return "\n".join(lines)
@@ -1026,6 +1554,17 @@ def _parse_floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _parse_split_counts(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError as err:
+        message = f"expected three counts TRAIN,VALIDATION,TEST like 60,15,30, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from err
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive counts TRAIN,VALIDATION,TEST, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1038,6 +1577,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--sonic-pi-dir", type=Path, default=defaults.sonic_pi_dir)
         p.add_argument("--freedesktop-dir", type=Path, default=defaults.freedesktop_dir)
         p.add_argument("--alsa-dir", type=Path, default=defaults.alsa_dir)
+        p.add_argument("--drums-train-soundfont", type=Path, default=defaults.drums_train_soundfont,
+                       help="drums: GM sound font of the training hits")
+        p.add_argument("--drums-heldout-soundfont", type=Path, default=defaults.drums_heldout_soundfont,
+                       help="drums: another GM sound font, of the validation and test hits")
+        p.add_argument("--espeak", default=defaults.espeak, help="speech-commands: the espeak-ng program")
 
     build = sub.add_parser("build", help="build corpora into --root")
     build.add_argument("names", nargs="+", choices=CORPORA, metavar="NAME", help=f"one of {', '.join(CORPORA)}")
@@ -1051,6 +1595,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="spoken-words: extra train-only copies at these speeds, e.g. 0.9,1.1")
     build.add_argument("--segment-seconds", type=float, default=0.0,
                        help="pretrain-mix: cut files longer than 1.5x this into pieces of about this length (0: off)")
+    build.add_argument("--split-by", default=INSTRUMENT_SPLIT_BY[0], choices=INSTRUMENT_SPLIT_BY,
+                       help="instruments: 'program' puts each GM program in one split (test notes come from programs "
+                       "never heard in training); default 'clip'")
+    build.add_argument("--hits-per-class", type=_parse_split_counts, default=DRUM_HITS_PER_CLASS, metavar="TRAIN,VAL,TEST",
+                       help="drums: hits per class in train,validation,test (default 60,15,30)")
+    build.add_argument("--speakers", type=_parse_split_counts, default=SPEECH_SPEAKERS, metavar="TRAIN,VAL,TEST",
+                       help="speech-commands: speakers in train,validation,test (default 80,15,25)")
     build.add_argument("--validation-fraction", type=float, default=0.1)
     build.add_argument("--test-fraction", type=float, default=0.1)
     build.add_argument("--workers", type=int, default=2, help="parallel conversions / fluidsynth renders")
@@ -1073,6 +1624,8 @@ def _sources_from(args: argparse.Namespace) -> Sources:
     return Sources(
         asterisk_dir=args.asterisk_dir, soundfont=args.soundfont, fluidsynth=args.fluidsynth,
         sonic_pi_dir=args.sonic_pi_dir, freedesktop_dir=args.freedesktop_dir, alsa_dir=args.alsa_dir,
+        drums_train_soundfont=args.drums_train_soundfont, drums_heldout_soundfont=args.drums_heldout_soundfont,
+        espeak=args.espeak,
     )  # fmt: skip
 
 
@@ -1120,6 +1673,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed, clips_per_class=args.clips_per_class, families=families, words=args.words,
         speed_perturb=args.speed_perturb, segment_seconds=args.segment_seconds,
         validation_fraction=args.validation_fraction, test_fraction=args.test_fraction, workers=args.workers,
+        split_by=args.split_by, hits_per_class=args.hits_per_class, speakers=args.speakers,
     )  # fmt: skip
     for name in args.names:
         print(describe(build_corpus(name, args.root, options=options, sources=sources, force=args.force)))

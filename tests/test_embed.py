@@ -269,3 +269,123 @@ def test_embed_cli_help_and_errors(tmp_path, capsys, corpus, stats_spec):
     spec, _ = stats_spec
     code = cli_main(["embed", str(tmp_path / "missing"), "--encoder", spec, "--output-dir", str(tmp_path / "y")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cat-hf embed --model: CAT embeddings for users
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cat_folder(tmp_path_factory):
+    from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("cat-model")
+    config = CATConfig.from_preset("cat-tiny", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   stem_channels=[8, 16], num_labels=2)
+    CATForAudioClassification(config).save_pretrained(folder)
+    CATFeatureExtractor().save_pretrained(folder)
+    return folder
+
+
+def test_embed_model_clips_to_npy_and_frames_to_parquet(corpus, cat_folder, tmp_path, capsys):
+    import pandas as pd
+
+    from cat_hf.embeddings import CATEmbedder
+
+    embedder = CATEmbedder.from_pretrained(cat_folder)
+    dataset = load_audio_corpus(corpus, label_column=False)
+    waves = {}
+    for i in range(len(dataset)):
+        try:
+            waves[i] = load_audio(dataset[i]["audio"], target_sr=16000)
+        except ValueError:
+            pass
+    assert len(waves) == 10
+
+    out = tmp_path / "clips"
+    code = cli_main(["embed", str(corpus), "--model", str(cat_folder), "--output-dir", str(out), "--shard-size", "5",
+                     "--batch-size", "3", "--no-progress"])
+    assert code == 0 and "embedded 10/12 clips" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["clips.csv", "embed.json", "embeddings.npy"]  # parts removed
+    index = json.loads((out / "embed.json").read_text())
+    assert index["complete"] is True and index["kind"] == "clips" and index["num_failed"] == 2
+    clips = pd.read_csv(out / "clips.csv")
+    assert clips["clip"].tolist() == list(range(12))
+    assert sorted(clips.loc[clips["num_rows"] == 0, "clip"]) == sorted(set(range(12)) - set(waves))
+    assert clips["error"].notna().sum() == 2 and clips["path"].str.endswith((".wav", ".flac")).all()
+    embeddings = np.load(out / "embeddings.npy")
+    assert embeddings.shape == (10, 64) and embeddings.dtype == np.float32
+    for i, wave in waves.items():
+        row = int(clips.loc[clips["clip"] == i, "first_row"].iloc[0])
+        expected = embedder.clip_embeddings(wave, sampling_rate=16000)[0]
+        np.testing.assert_allclose(embeddings[row], expected.numpy(), atol=1e-5, rtol=1e-5)
+
+    out = tmp_path / "frames"
+    code = cli_main(["embed", str(corpus), "--model", str(cat_folder), "--output-dir", str(out), "--frames",
+                     "--hop-ms", "80", "--format", "parquet", "--layer", "0", "1", "--no-progress"])
+    assert code == 0
+    table = pd.read_parquet(out / "embeddings.parquet")
+    assert table.columns.tolist() == ["clip", "path", "timestamp_ms", "embedding"]
+    averaged = CATEmbedder.from_pretrained(cat_folder, hop_ms=80, layer=[0, 1])
+    for i, wave in waves.items():
+        rows = table[table["clip"] == i]
+        vectors, stamps = averaged.frame_embeddings(wave, sampling_rate=16000).clip(0)
+        assert rows["timestamp_ms"].tolist() == stamps.tolist()
+        assert rows["timestamp_ms"].max() <= 1000 * len(wave) / 16000
+        np.testing.assert_allclose(np.stack(rows["embedding"].to_list()), vectors.numpy(), atol=1e-5, rtol=1e-5)
+
+    # bad combinations are named
+    code = cli_main(["embed", str(corpus), "--model", str(cat_folder), "--output-dir", str(out), "--max-seconds", "2"])
+    assert code == 2 and "--max-seconds is for --encoder" in capsys.readouterr().err
+    code = cli_main(["embed", str(corpus), "--model", str(cat_folder), "--output-dir", str(out), "--no-progress"])
+    assert code == 2 and "different kind ('frames', this run: 'clips')" in capsys.readouterr().err
+
+
+def test_embed_model_resumes_after_a_kill(cat_folder, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "long-corpus"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        sf.write(root / f"clip{i:02d}.wav", (0.1 * rng.standard_normal(16000 * 2 + 997 * i)).astype(np.float32), 16000)
+    out = tmp_path / "out"
+    args = ["embed", str(root), "--model", str(cat_folder), "--output-dir", str(out), "--frames",
+            "--shard-size", "1", "--batch-size", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "cat_hf.cli", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((out / "parts").glob("part-*.npz"))) < 2 and process.poll() is None:
+            assert time.monotonic() < deadline, "the embed run wrote no parts"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)  # a kill, mid-run: nothing gets to clean up
+    finally:
+        process.wait()
+    index = json.loads((out / "embed.json").read_text())
+    done = len(list((out / "parts").glob("part-*.npz")))
+    assert index["complete"] is False and 2 <= done < 8 and not (out / "embeddings.npy").exists()
+
+    code = cli_main(args)  # the same command again resumes
+    assert code == 0
+    report = json.loads((out / "embed.json").read_text())
+    assert report["complete"] is True and report["num_embeddings"] == 8
+    fresh = tmp_path / "fresh"
+    from cat_hf.embed import embed_audio
+
+    full = embed_audio(root, cat_folder, fresh, frames=True, shard_size=1, batch_size=1, progress=False)
+    assert (full.shards_computed, full.shards_reused) == (8, 0)
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(fresh / "embeddings.npy"), atol=1e-6, rtol=0)
+    assert np.array_equal(np.load(out / "timestamps.npy"), np.load(fresh / "timestamps.npy"))
+    assert (out / "clips.csv").read_text() == (fresh / "clips.csv").read_text()
+    again = embed_audio(root, cat_folder, out, frames=True, shard_size=1, batch_size=1, progress=False)
+    assert (again.shards_computed, again.shards_reused) == (0, 8)  # complete: nothing left to do
+    partial = embed_audio(root, cat_folder, tmp_path / "partial", shard_size=3, max_shards=2, progress=False)
+    resumed = embed_audio(root, cat_folder, tmp_path / "partial", shard_size=3, progress=False)
+    assert (partial.shards_computed, resumed.shards_reused, resumed.shards_computed) == (2, 2, 1)

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,27 +177,21 @@ def test_batched_equals_per_clip():
 
 
 def test_chunk_plan_covers_every_frame_once():
-    """Chunks tile the real frames exactly once, stay within the size limit, and never overlap two clips' samples."""
-    from cat_hf.feature_extraction_cat import _plan_chunks
+    """Chunks tile the real frames exactly once, in order, and stay within the size limit."""
+    from cat_hf.feature_extraction_cat import _chunks
 
-    window, shift, rows_per_clip = 400, 160, 112
     frames = [98, 1, 112, 111, 110, 40, 112, 3]  # short, one frame, full (truncated) and nearly full clips
     for chunk_frames in (1, 7, 98, 112, 250, 10_000):
-        chunks = _plan_chunks(frames, rows_per_clip, chunk_frames, window, shift)
+        chunks = list(_chunks(frames, chunk_frames))
         covered = []
-        for start, stop, pieces in chunks:
-            assert 0 < stop - start <= max(chunk_frames, 1)
-            assert start == pieces[0][0] * rows_per_clip + pieces[0][1]
-            assert stop == pieces[-1][0] * rows_per_clip + pieces[-1][2]
-            for (clip, first, stop_frame), following in zip(pieces, pieces[1:] + [None], strict=True):
-                covered += [(clip, f) for f in range(first, stop_frame)]
-                if following is not None:  # the next clip's samples start after this clip's last frame ends
-                    assert first == 0 and following[1] == 0 and following[0] == clip + 1
-                    assert (stop_frame - 1) * shift + window <= rows_per_clip * shift
+        for pieces in chunks:
+            assert 0 < sum(stop - first for _, first, stop in pieces) <= max(chunk_frames, 1)
+            for clip, first, stop in pieces:
+                covered += [(clip, f) for f in range(first, stop)]
         assert covered == [(clip, f) for clip, n in enumerate(frames) for f in range(n)]
     # Short clips share chunks; clips longer than a chunk get equal pieces.
-    assert len(_plan_chunks([98] * 9, rows_per_clip, 1024, window, shift)) == 1
-    assert [stop - start for start, stop, _ in _plan_chunks([998], 1024, 400, window, shift)] == [333, 333, 332]
+    assert len(list(_chunks([98] * 9, 1024))) == 1
+    assert [[stop - first for _, first, stop in c] for c in _chunks([998], 400)] == [[333], [333], [332]]
 
 
 def test_chunk_sizes_and_functional_api_agree():
@@ -218,9 +213,10 @@ def test_chunk_sizes_and_functional_api_agree():
     assert torch.all(fbank[2, 1:] == 0.0)  # raw padding value
 
 
-def test_kept_work_buffers_carry_nothing_between_calls_or_threads():
-    """CPU work buffers are kept per thread between calls: what one call leaves in them never reaches the next,
-    whatever lengths came before (long, packed short clips, one frame), and concurrent threads never share them."""
+def test_calls_threads_and_nested_calls_share_no_state():
+    """What one call computes never reaches the next, whatever lengths came before (long, packed short clips, one
+    frame); concurrent threads and calls nested in a signal handler (re-entrant) get their own work buffers."""
+    import signal
     import threading
 
     long_clips = [_clip(1.6, 5), _clip(1.2, 6)]  # split into pieces
@@ -234,8 +230,7 @@ def test_kept_work_buffers_carry_nothing_between_calls_or_threads():
     assert torch.equal(features(long_clips), first_long)
     assert torch.equal(features(short_clips), first_short)
     assert torch.equal(features(short_clips[::-1]), first_short.flip(0))
-    # Other buffer geometries in between (a smaller and a larger chunk size, more than the four sets kept).
-    for chunk_frames in (40, 400, 41, 42, 43, 96):
+    for chunk_frames in (40, 400, 41, 42, 43, 96):  # other chunk sizes in between
         torch.testing.assert_close(features(long_clips, chunk_frames), first_long, atol=1e-5, rtol=0)
     assert torch.equal(features(long_clips), first_long)
 
@@ -255,33 +250,88 @@ def test_kept_work_buffers_carry_nothing_between_calls_or_threads():
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)  # other threads may use other thread counts
     assert len(results) == 3
 
+    # A signal handler featurising other clips in the middle of a call (between the chunks of the Python loop).
+    nested: list[torch.Tensor] = []
+    interrupted: set[str] = set()
 
-def test_an_output_is_reused_only_once_the_caller_dropped_every_view_of_it():
-    """The thread keeps its last CPU output for the next call (fresh memory costs page zeroing), but never while
-    any tensor, view or numpy array of it is alive."""
+    def handler(signum: int, frame: Any) -> None:
+        interrupted.add(frame.f_code.co_name)
+        nested.append(features(short_clips, chunk_frames=8))
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    outer = []
+    try:
+        while len(outer) < 30 and not ("_fbank" in interrupted and len(nested) >= 3):
+            signal.setitimer(signal.ITIMER_REAL, 0.001 * (1 + len(outer) % 5))  # one shot, at varying times
+            outer.append(features(long_clips, chunk_frames=8))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "_fbank" in interrupted, f"no signal arrived inside the kernel ({interrupted})"
+    for out in outer:
+        torch.testing.assert_close(out, first_long, atol=1e-5, rtol=0)
+    for out in nested:
+        torch.testing.assert_close(out, first_short, atol=1e-5, rtol=0)
+
+
+def test_outputs_of_different_calls_never_share_memory():
+    """Each call returns new memory that no later call writes: mutating one output leaves the others alone, and a
+    numpy view taken before `share_memory_()` or a trip through a torch.multiprocessing queue (which moves the
+    tensor's data) keeps its own data, as do outputs made in DataLoader workers."""
+    import torch.multiprocessing as mp
+
     extractor = CATFeatureExtractor(max_length=160)
     clips_a, clips_b = [_clip(1.0, 1), _clip(0.5, 2)], [_clip(0.7, 3), _clip(1.1, 4)]
 
     def features(clips):
         return extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
 
-    first = features(clips_a)
-    expected_a = first.clone()
-    view, as_numpy = first[1, 3:9], first.numpy()
-    address = first.untyped_storage().data_ptr()
-    del first
-    second = features(clips_b)  # the view and the numpy array still hold the first output
-    assert second.untyped_storage().data_ptr() != address
+    expected_a, expected_b = features(clips_a).clone(), features(clips_b).clone()
+    first, second = features(clips_a), features(clips_b)  # same shape: a reuse of memory would be possible
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    first.fill_(7.0)
+    assert torch.equal(second, expected_b)
+    second.zero_()
+    assert torch.all(first == 7.0)
+    as_numpy = extractor(clips_a, sampling_rate=16000, return_tensors="np")["input_values"]
+    assert torch.equal(features(clips_b), expected_b) and np.array_equal(as_numpy, expected_a.numpy())
+    dropped = features(clips_a)
+    view, as_numpy = dropped[1, 3:9], dropped.numpy()
+    del dropped  # the views still hold the output: later calls of the same size write elsewhere
+    later = [features(clips_b) for _ in range(3)]
     assert torch.equal(view, expected_a[1, 3:9]) and np.array_equal(as_numpy, expected_a.numpy())
-    del view, as_numpy
-    third = features(clips_a)  # `second` is alive: another new output, now the one the thread keeps
-    assert third.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
-    assert torch.equal(third, expected_a)
-    expected_b, address = second.clone(), third.untyped_storage().data_ptr()
-    del third
-    again = features(clips_b)  # nothing refers to the kept output any more: its memory is reused
-    assert again.untyped_storage().data_ptr() == address
-    assert torch.equal(again, expected_b) and torch.equal(second, expected_b)
+
+    # The .numpy() view of an output, taken before share_memory_(), then new calls of the same size.
+    shared = features(clips_a)
+    view = shared.numpy()
+    shared.share_memory_()
+    assert shared.is_shared()
+    later = [features(clips_b) for _ in range(3)]
+    assert np.array_equal(view, expected_a.numpy()) and torch.equal(shared, expected_a)
+    assert all(torch.equal(out, expected_b) for out in later)
+
+    # A trip through a torch.multiprocessing queue (it moves the data to shared memory, as DataLoader workers do).
+    sent = features(clips_a)
+    view = sent.numpy()
+    queue = mp.Queue()
+    queue.put(sent)
+    received = queue.get(timeout=60)
+    later = [features(clips_b) for _ in range(3)]
+    assert torch.equal(received, expected_a) and np.array_equal(view, expected_a.numpy())
+    received.add_(1.0)  # the receiver's copy is its own
+    assert np.array_equal(view, expected_a.numpy())
+
+    class Clips(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            clips = clips_a if index % 2 == 0 else clips_b
+            return extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+
+    loader = torch.utils.data.DataLoader(Clips(), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    for index, batch in enumerate(loader):
+        assert torch.equal(batch, expected_a if index % 2 == 0 else expected_b), index
 
 
 def test_huge_finite_samples_are_accepted():
@@ -400,36 +450,76 @@ def test_int16_pcm_is_scaled():
     assert (unscaled - from_pcm).mean() > 1.0
 
 
-def test_multichannel_is_downmixed():
+def test_2d_arrays_and_tensors_are_batches():
+    """(B, T) numpy arrays and torch tensors are batches of B clips, each row what the clip gives alone."""
+    extractor = CATFeatureExtractor(max_length=64)
+    clips = np.stack([_clip(0.5, seed) for seed in range(12)])
+    alone = torch.cat([extractor(clip, sampling_rate=16000, return_tensors="pt")["input_values"] for clip in clips])
+    for batch in (clips, torch.from_numpy(clips)):
+        out = extractor(batch, sampling_rate=16000, return_tensors="pt")["input_values"]
+        assert out.shape == (12, 64, 128)
+        torch.testing.assert_close(out, alone, atol=1e-6, rtol=0)
+        for rows in (1, 2, 3, 8):  # any batch size, with or without channels="mono"
+            for channels in (None, "mono"):
+                few = extractor(batch[:rows], sampling_rate=16000, channels=channels, return_tensors="pt")
+                torch.testing.assert_close(few["input_values"], alone[:rows], atol=1e-6, rtol=0)
+    one_row = extractor(clips[:1], sampling_rate=16000, return_tensors="pt")["input_values"]  # either reading agrees
+    torch.testing.assert_close(one_row, alone[:1], atol=1e-6, rtol=0)
+    longest = extractor(torch.from_numpy(clips[:3]), sampling_rate=16000, channels="mono", padding="longest")
+    assert np.asarray(longest["attention_mask"]).shape == (3, 48)
+    with pytest.raises(ValueError, match=r"clip\(s\) \[2\] contain NaN"):  # a bad row is named by its index
+        extractor(np.where(np.arange(12)[:, None] == 2, np.nan, clips), sampling_rate=16000)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_ambiguous_shapes_raise_naming_both_readings(as_tensor):
+    """Earlier versions read every 2-D array as one multi-channel clip. A (samples, channels) array, which as a batch
+    would hold clips shorter than one frame, is an error that names both readings and the argument that chooses one,
+    not a silent change; so are shapes no reading fits."""
+    extractor = CATFeatureExtractor(max_length=64)
+    stereo = np.stack([_clip(0.5, 1), _clip(0.5, 2)])
+
+    def call(audio: np.ndarray) -> Any:
+        return extractor(torch.from_numpy(audio) if as_tensor else audio, sampling_rate=16000)
+
+    assert len(call(stereo)["input_values"]) == 2  # (2, samples) is a batch of two clips
+    with pytest.raises(ValueError, match=r"shape \(8000, 2\) would be a batch of 8000 clips of 2 samples.*"
+                                         r"channels='last'"):  # fmt: skip
+        call(np.ascontiguousarray(stereo.T))
+    with pytest.raises(ValueError, match="3 dimensions.*channels='first'"):
+        call(stereo[None])
+    with pytest.raises(ValueError, match="channels='both' is not supported"):
+        extractor(stereo, sampling_rate=16000, channels="both")
+
+
+def test_multichannel_audio_is_declared_and_downmixed():
     extractor = CATFeatureExtractor(max_length=64)
     left, right = _clip(0.5, 6), _clip(0.5, 7)
     mono = ((left + right) / 2).astype(np.float32)
     ref = extractor(mono, sampling_rate=16000, return_tensors="pt")["input_values"]
-    for stereo in (
-        np.stack([left, right]),
-        np.stack([left, right], axis=1),
-        torch.from_numpy(np.stack([left, right])),
+    channels_first, channels_last = np.stack([left, right]), np.stack([left, right], axis=1)
+    for audio, channels in (
+        (channels_first, "first"),
+        (channels_last, "last"),
+        (torch.from_numpy(channels_first), "first"),
+        ([channels_last], "last"),
+        ([channels_first], None),  # a 2-D item of a list is one clip; its smaller axis holds the channels
+        ([channels_last], None),
     ):
-        out = extractor(stereo, sampling_rate=16000, return_tensors="pt")["input_values"]
+        out = extractor(audio, sampling_rate=16000, channels=channels, return_tensors="pt")["input_values"]
+        assert out.shape == (1, 64, 128)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    batch = extractor([np.stack([left, right]), mono], sampling_rate=16000, return_tensors="pt")["input_values"]
-    torch.testing.assert_close(batch[0], batch[1], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(downmix_to_mono(np.stack([left, right], axis=1)), mono, atol=1e-7)
-    out = downmix_to_mono((np.stack([left, right]) * 32767).astype(np.int16))
+    # Batches of multi-channel clips: 3-D arrays, or lists mixing mono and multi-channel clips.
+    three_d = extractor(np.stack([channels_first] * 3), sampling_rate=16000, channels="first", return_tensors="pt")
+    torch.testing.assert_close(three_d["input_values"], ref.expand(3, -1, -1), atol=1e-5, rtol=0)
+    mixed = extractor([channels_last, mono], sampling_rate=16000, channels="last", return_tensors="pt")
+    torch.testing.assert_close(mixed["input_values"][0], mixed["input_values"][1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="clip 1 has 2 dimensions.*channels='mono'.*'first' or 'last'"):
+        extractor([mono, channels_first], sampling_rate=16000, channels="mono")
+    np.testing.assert_allclose(downmix_to_mono(channels_last), mono, atol=1e-7)
+    np.testing.assert_allclose(downmix_to_mono(channels_first, channel_axis=0), mono, atol=1e-7)
+    out = downmix_to_mono((channels_first * 32767).astype(np.int16))
     assert out.dtype == np.float32 and out.shape == (8000,) and np.abs(out - mono).max() < 1e-4
-
-
-def test_a_batch_passed_as_one_2d_array_is_downmixed_with_a_warning(caplog):
-    """Other transformers extractors read (clips, samples) as a batch; CAT reads channels, and says so."""
-    extractor = CATFeatureExtractor(max_length=64)
-    clips = np.stack([_clip(0.5, seed) for seed in range(12)])
-    logging.getLogger("cat_hf.feature_extraction_cat").propagate = True
-    with caplog.at_level(logging.WARNING, logger="cat_hf.feature_extraction_cat"):
-        stereo = extractor(clips[:2], sampling_rate=16000, return_tensors="pt")["input_values"]
-        assert not caplog.records
-        twelve = extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
-    assert stereo.shape[0] == twelve.shape[0] == 1
-    assert "read as 12 channels of one clip" in caplog.text and "pass a list of 1-D arrays" in caplog.text
 
 
 def test_resampling_matches_native_rate():
@@ -479,16 +569,18 @@ def test_torchaudio_resampling_backend():
         resample_audio(wave, 0, 16000)
 
 
-def test_missing_sampling_rate_warns_once(caplog):
-    logging.Logger.warning_once.cache_clear()
+def test_missing_sampling_rate_warns_on_every_call(caplog):
+    """Without sampling_rate the audio is read at the extractor's rate, with a warning on every call (as
+    transformers' audio extractors do), so a second file at another rate is not silently wrong."""
     extractor = CATFeatureExtractor(max_length=16)
-    logger = logging.getLogger("cat_hf.feature_extraction_cat")
-    logger.propagate = True
+    logging.getLogger("cat_hf.feature_extraction_cat").propagate = True
+    cd_rate = _clip(0.2, 3, sr=44100)
     with caplog.at_level(logging.WARNING, logger="cat_hf.feature_extraction_cat"):
-        extractor(_clip(0.2, 1))
-        extractor(_clip(0.2, 2))
+        unlabelled = [extractor(clip, return_tensors="pt")["input_values"] for clip in (_clip(0.2, 1), cd_rate, cd_rate)]
+        labelled = extractor(cd_rate, sampling_rate=44100, return_tensors="pt")["input_values"]
     messages = [r.getMessage() for r in caplog.records if "sampling_rate" in r.getMessage()]
-    assert len(messages) == 1
+    assert len(messages) == 3 and "read as 16000 Hz" in messages[0]
+    assert not torch.allclose(unlabelled[2], labelled, atol=1e-2)  # what the warning is about
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -578,7 +670,9 @@ def test_save_and_load_round_trip(tmp_path):
     extractor.save_pretrained(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "preprocessor_config.json" in names
-    assert not [name for name in names if name.startswith(".tmp")]  # written atomically, nothing left over
+    assert not [name for name in names if name.startswith(".tmp")]  # nothing left over
+    (tmp_path / "fresh").write_text("")  # the mode any new file gets here (umask), not a private 0600
+    assert (tmp_path / "preprocessor_config.json").stat().st_mode == (tmp_path / "fresh").stat().st_mode
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert config["feature_extractor_type"] == "CATFeatureExtractor"
     for key, value in {
@@ -600,6 +694,34 @@ def test_save_and_load_round_trip(tmp_path):
     b = loaded(clips, sampling_rate=16000, return_tensors="pt")
     assert torch.equal(a["input_values"], b["input_values"])
     assert torch.equal(a["attention_mask"], b["attention_mask"])
+
+
+def test_preprocessor_config_disagreeing_with_the_model_is_refused(tmp_path):
+    """A preprocessor_config.json whose mel bins (rate, frames) differ from the config.json beside it is refused on load,
+    through this class and through AutoFeatureExtractor, naming both numbers."""
+    from cat_hf import CATConfig
+
+    folder = tmp_path / "model"
+    CATConfig.from_preset("cat-tiny").save_pretrained(folder)  # 128 mel bins
+    CATFeatureExtractor(feature_size=64, num_mel_bins=64).save_pretrained(folder)
+    for load in (CATFeatureExtractor.from_pretrained, AutoFeatureExtractor.from_pretrained):
+        with pytest.raises(ValueError, match="preprocessor_config.json has num_mel_bins=64, but the model's "
+                                             "config.json has num_mel_bins=128"):  # fmt: skip
+            load(folder)
+    CATFeatureExtractor().save_pretrained(folder)
+    assert AutoFeatureExtractor.from_pretrained(folder).num_mel_bins == 128
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sampling_rate": 32000}))
+    with pytest.raises(ValueError, match="sampling_rate=16000, but the model's config.json has sampling_rate=32000"):
+        CATFeatureExtractor.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    CATFeatureExtractor(frame_shift_ms=20.0).save_pretrained(folder)
+    if "frame_shift_ms" in config:  # the config's frame geometry, where it records one
+        with pytest.raises(ValueError, match="frame_shift_ms=20.0, but the model's config.json has frame_shift_ms=10"):
+            AutoFeatureExtractor.from_pretrained(folder)
+    # Without a config.json (an extractor saved alone) there is nothing to compare with.
+    CATFeatureExtractor(feature_size=64, num_mel_bins=64).save_pretrained(tmp_path / "alone")
+    assert CATFeatureExtractor.from_pretrained(tmp_path / "alone").num_mel_bins == 64
 
 
 def test_loads_as_self_contained_remote_code(tmp_path, monkeypatch):

@@ -298,7 +298,9 @@ def test_augmentations_are_seeded_and_shaped():
     runs = []
     for _ in range(2):
         augmenter = Augmenter(config, seed=5)
-        runs.append((augmenter.waveforms(waves, lengths), *augmenter.features(features, targets)))
+        mask = torch.ones(4, 64, dtype=torch.long)
+        mask[3, 16:] = 0
+        runs.append((augmenter.waveforms(waves, lengths), *augmenter.features(features, targets, mask)))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
     assert not torch.equal(runs[0][0], waves)
@@ -392,3 +394,68 @@ def test_encoder_weights_of_another_shape_are_reported_not_hidden(encoder_dir, t
     build_model(FinetuneConfig(model=str(folder)), data, say=notes.append)
     assert notes == [f"model: encoder from {folder}, new classification head for 2 labels (it has none)"]
     assert "cat.embeddings.position_embeddings" in caplog.text and "another shape" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Short clips, grouped validation, the log-mel baseline
+
+
+def test_short_clips_are_padded_to_the_batch_with_a_mask_not_to_max_length():
+    from cat_hf.finetune import featurize
+
+    extractor = CATFeatureExtractor(max_length=256)
+    waves = torch.zeros(3, 32000)
+    waves[:, :3200] = torch.randn(3, 3200) * 0.1
+    lengths = torch.tensor([3200, 1600, 400])  # 0.2 s, 0.1 s and one 25 ms frame
+    features, mask = featurize(extractor, waves, lengths, torch.device("cpu"), "longest")
+    assert features.shape == (3, 32, 128) and mask.shape == (3, 32)  # 0.2 s = 18 frames -> two patches, not 256 frames
+    assert mask.sum(1).tolist() == [18, 8, 1]
+    fixed, no_mask = featurize(extractor, waves, lengths, torch.device("cpu"), "max_length")
+    assert fixed.shape == (3, 256, 128) and no_mask is None  # the paper recipes' padding
+    torch.testing.assert_close(fixed[:, :18], features[:, :18])
+
+
+def test_validation_can_hold_out_whole_speakers(tmp_path):
+    from cat_hf.finetune import prepare_data
+
+    rng = np.random.default_rng(0)
+    lines = ["path,label,speaker"]
+    for speaker in range(6):
+        folder = tmp_path / f"speaker{speaker}"
+        folder.mkdir()
+        for i, kind in enumerate(CLASSES * 2):
+            sf.write(folder / f"{i}.wav", synth(kind, 0.3, rng), SR)
+            lines.append(f"speaker{speaker}/{i}.wav,{kind},s{speaker}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    for group_by in ("speaker", "folder:1"):
+        config = FinetuneConfig.from_dict(dict(data=str(tmp_path / "train.csv"), validation_size=0.3,
+                                               validation_group_by=group_by))
+        data = prepare_data(config)
+        def speakers(dataset):
+            return {Path(entry["path"]).parent.name for entry in dataset.cast_column(
+                "audio", __import__("datasets").Audio(decode=False))["audio"]}
+        held_out, trained = speakers(data.validation), speakers(data.train)
+        assert held_out and trained and not held_out & trained, (group_by, held_out, trained)
+        assert data.summaries["validation"]["grouped_by"] == group_by
+    with pytest.raises(CorpusError, match="not a column"):
+        prepare_data(FinetuneConfig.from_dict(dict(data=str(tmp_path / "train.csv"), validation_group_by="room")))
+    with pytest.raises(FinetuneConfigError, match="folder:K"):
+        prepare_data(FinetuneConfig.from_dict(dict(data=str(tmp_path / "train.csv"), validation_group_by="folder:x")))
+
+
+def test_finetune_reports_the_log_mel_baseline_and_evaluate_refits_it(corpus, encoder_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = finetune(run_settings(corpus, encoder_dir, out, max_steps=6, threads=1))
+    baseline = result["baseline"]
+    # tones, noise and clicks differ in their spectra: log-mel statistics separate them
+    assert baseline["metric"] == "accuracy" and baseline["score"] > 0.9 and baseline["split"] == "validation"
+    assert json.loads((out / "training_summary.json").read_text())["baseline"] == baseline
+    assert CATFeatureExtractor.from_pretrained(out).padding == "longest"
+
+    from cat_hf.cli import main as cli
+
+    assert cli(["evaluate", str(out), str(corpus), "--baseline", "--output-dir", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline: log-mel statistics + logistic regression" in printed
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["baseline"]["score"] > 0.9 and results["baseline"]["train_data"] == str(corpus)

@@ -146,6 +146,113 @@ def test_sdpa_and_eager_attention_agree():
         assert torch.allclose(model(x).last_hidden_state, sdpa, atol=1e-5)
 
 
+def test_set_attn_implementation_switches_the_registry_function():
+    """Attention goes through transformers' registry: `set_attn_implementation` switches every block, and eager,
+    sdpa and an implementation registered by the user (with its mask format) all give the same output, masked
+    batch included."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    model = random_model()
+    x, mask = torch.randn(2, 64, 128), torch.ones(2, 64, dtype=torch.long)
+    mask[1, 40:] = 0
+    calls = []
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("cat_test_counting", counting_sdpa)
+    AttentionMaskInterface.register("cat_test_counting", sdpa_mask)
+    with torch.no_grad():
+        reference = model(x, attention_mask=mask).last_hidden_state
+        for implementation in ("eager", "cat_test_counting", "sdpa"):
+            model.set_attn_implementation(implementation)
+            assert model.config._attn_implementation == implementation
+            torch.testing.assert_close(model(x, attention_mask=mask).last_hidden_state, reference, atol=1e-5, rtol=0)
+    assert len(calls) == model.config.num_hidden_layers
+    # Probabilities come from the eager function whatever the implementation (the fused kernels give none).
+    with torch.no_grad():
+        out = model(x, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 33, 33)
+    assert out.attentions[0][1, :, :, 1 + 3 * 8:].abs().max() == 0  # padded patches get no attention
+
+
+def test_hidden_act_is_read_by_the_blocks():
+    x = torch.randn(1, 64, 128)
+    gelu, relu = random_model(), random_model(hidden_act="relu")
+    assert torch.equal(gelu.layers[0].mlp.act(x), F.gelu(x))  # exact GELU, as every checkpoint
+    assert torch.equal(relu.layers[0].mlp.act(x), F.relu(x))
+    with torch.no_grad():
+        assert not torch.allclose(gelu(x).last_hidden_state, relu(x).last_hidden_state, atol=1e-3)
+    with pytest.raises(Exception, match="hidden_act='swishy' is not an activation of transformers' ACT2FN"):
+        small_config(hidden_act="swishy")
+
+
+@pytest.mark.parametrize("stem_type", ["multires", "patch"])
+def test_left_padding_by_whole_patches_is_exact(stem_type):
+    """Left padding by whole patches gives the clip's own output (its patches keep their positions); padding by
+    part of a patch, or padding between real frames, is refused with the reason."""
+    model = random_model(stem_type=stem_type, pooling="mean")
+    clip = torch.randn(1, 48, 128)
+    batch = torch.cat([torch.randn(1, 32, 128), clip], dim=1).repeat(2, 1, 1)
+    mask = torch.ones(2, 80, dtype=torch.long)
+    mask[0, :32] = 0  # row 0: two padding patches, then the clip; row 1: all real
+    with torch.no_grad():
+        alone = model(clip)
+        padded = model(batch, attention_mask=mask)
+    clip_tokens = padded.last_hidden_state[0, 1 + 2 * 8:]  # after CLS and two padding patches of 8 tokens
+    torch.testing.assert_close(clip_tokens, alone.last_hidden_state[0, 1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.pooler_output[0], alone.pooler_output[0], atol=1e-5, rtol=0)
+    assert padded.token_padding_mask[0, 1:17].all() and not padded.token_padding_mask[0, 17:].any()
+    gap = mask.clone()
+    gap[1, 40:50] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] have padding between real frames"):
+        model(batch, attention_mask=gap)
+    part = mask.clone()
+    part[0, :40] = 0
+    with pytest.raises(ValueError, match=r"rows \[0\] .* not a whole number of patches \(40 frames, not a multiple"):
+        model(batch, attention_mask=part)
+
+
+def test_non_binary_masks_and_non_finite_inputs_are_errors():
+    model = random_model()
+    x, mask = torch.randn(2, 64, 128), torch.ones(2, 64, dtype=torch.long)
+    two = mask.clone()
+    two[1, :10] = 2
+    with pytest.raises(ValueError, match=r"attention_mask rows \[1\] hold 2: it must be 1 for real frames and 0"):
+        model(x, attention_mask=two)
+    with pytest.raises(ValueError, match=r"attention_mask rows \[0, 1\] hold 0.5"):
+        model(x, attention_mask=torch.full((2, 64), 0.5))
+    model(x, attention_mask=mask.float())  # 0.0 / 1.0 floats are a valid mask
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[1, 5, 7] = bad
+        with pytest.raises(ValueError, match=r"input_values rows \[1\] hold NaN or infinite values"):
+            model(y)
+
+
+def test_recorded_outputs_and_tuples():
+    """hidden_states / attentions / mlp_outputs are recorded by transformers' output capture; return_dict=False
+    gives the same tensors as a tuple, in field order."""
+    model = random_model()
+    x = torch.randn(2, 64, 128)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True, output_mlp_outputs=True)
+        as_tuple = model(x, output_hidden_states=True, output_mlp_outputs=True, return_dict=False)
+        plain = model(x)
+    assert len(out.hidden_states) == 3 and len(out.mlp_outputs) == 2 and out.attentions is None
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    assert plain.hidden_states is None and plain.mlp_outputs is None
+    # The MLP output is the residual branch of the second LayerNorm: LN2(x + mlp) is the block's output.
+    layer = model.layers[1]
+    torch.testing.assert_close(layer.norm2(layer.norm1(out.hidden_states[1] + layer.attention(out.hidden_states[1])[0])
+                                           + out.mlp_outputs[1]), out.hidden_states[2], atol=1e-5, rtol=0)
+    assert len(as_tuple) == 4 and torch.equal(as_tuple[0], out.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple[2], out.hidden_states))
+
+
 @pytest.mark.parametrize("stem_type", ["multires", "patch"])
 @pytest.mark.parametrize("pooling", ["cls", "mean", "lin_softmax"])
 def test_padded_batch_equals_single_clips(stem_type, pooling):

@@ -11,6 +11,7 @@ from transformers import (
     AutoFeatureExtractor,
     AutoModel,
     AutoModelForAudioClassification,
+    AutoModelForAudioFrameClassification,
     AutoModelForPreTraining,
     AutoProcessor,
 )
@@ -19,8 +20,10 @@ from .configuration_cat import CAT_PRESETS, CATConfig
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .modeling_cat import (
     CATForAudioClassification,
+    CATForAudioFrameClassification,
     CATForPreTraining,
     CATForPreTrainingOutput,
+    CATFrameClassifierOutput,
     CATModel,
     CATModelOutput,
     CATPreTrainedModel,
@@ -34,6 +37,7 @@ def _register() -> None:
     AutoConfig.register("cat", CATConfig, exist_ok=True)
     AutoModel.register(CATConfig, CATModel, exist_ok=True)
     AutoModelForAudioClassification.register(CATConfig, CATForAudioClassification, exist_ok=True)
+    AutoModelForAudioFrameClassification.register(CATConfig, CATForAudioFrameClassification, exist_ok=True)
     AutoModelForPreTraining.register(CATConfig, CATForPreTraining, exist_ok=True)
     AutoFeatureExtractor.register(CATConfig, CATFeatureExtractor, exist_ok=True)
     # CAT has no tokenizer, so its "processor" is the feature extractor (AutoProcessor would otherwise try the other
@@ -43,6 +47,7 @@ def _register() -> None:
     CATConfig.register_for_auto_class()
     CATModel.register_for_auto_class("AutoModel")
     CATForAudioClassification.register_for_auto_class("AutoModelForAudioClassification")
+    CATForAudioFrameClassification.register_for_auto_class("AutoModelForAudioFrameClassification")
     CATForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     CATFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 
@@ -57,6 +62,8 @@ __all__ = [
     "CATModel",
     "CATModelOutput",
     "CATForAudioClassification",
+    "CATForAudioFrameClassification",
+    "CATFrameClassifierOutput",
     "CATForPreTraining",
     "CATForPreTrainingOutput",
     "CATPreTrainedModel",

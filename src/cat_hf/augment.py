@@ -155,17 +155,21 @@ class Augmenter:
             waveforms = random_gain(waveforms, self.generator)
         return waveforms
 
-    def features(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, features: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Noise, then mixup, then SpecAugment: the original's order (noise in its data loader on single clips,
-        mixup and masks in the model's forward on the batch)."""
+        mixup and masks in the model's forward on the batch). A mixed clip's frames are real where either of its
+        two clips has real frames, so the (B, T) `attention_mask` of a padded batch is returned updated."""
         c = self.config
         if c.noise:
             features = feature_noise(features, self.generator)
         if c.mixup_alpha > 0:
-            features, targets, _ = mixup(features, targets, c.mixup_alpha, c.mixup_prob, self.generator)
+            features, targets, lam = mixup(features, targets, c.mixup_alpha, c.mixup_prob, self.generator)
+            if lam < 1.0 and attention_mask is not None:
+                attention_mask = torch.maximum(attention_mask, attention_mask.flip(0))
         if c.freq_mask_ratio > 0 or c.time_mask_ratio > 0:
             features = spec_augment(features, c.freq_mask_ratio, c.time_mask_ratio, self.generator)
-        return features, targets
+        return features, targets, attention_mask
 
 
 __all__ = [

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # bad input, named by the message: no traceback for the user
         print(f"cat-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where the command does not stop by itself (a second one during training)
+        print(f"\ncat-hf {args.command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

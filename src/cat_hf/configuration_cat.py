@@ -13,6 +13,7 @@ from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2CLS
 
 
 #: The Representation Regularization losses (the original's clap_loss_type values this package implements).
@@ -53,6 +54,8 @@ class CATConfig(PreTrainedConfig):
         num_hidden_layers: number of post-LN transformer blocks.
         num_attention_heads: attention heads; must divide `hidden_size`.
         mlp_ratio: MLP width of the blocks as a multiple of `hidden_size`.
+        hidden_act: activation of the blocks' MLP, a name of transformers' `ACT2FN` ("gelu", exact, in every CAT
+            checkpoint; the stem and the pretraining decoder keep the authors' GELU).
         layer_norm_eps: eps of the context LayerNorm and the blocks (1e-6).
         classifier_norm_eps: eps of the classifier's fc_norm (1e-6; the original fixes it whatever `norm_eps`).
         stem_layer_norm_eps: eps of every LayerNorm in the convolutional stem, the decoder and the target
@@ -69,7 +72,13 @@ class CATConfig(PreTrainedConfig):
         num_mel_bins: frequency bins of the input.
         num_extra_tokens: learned tokens prepended to the patches. Classification pools token 0 (CLS); the
             pretraining utterance and RR losses use the last one (the same token when there is one, as in CAT).
-        max_time_patches: time patches covered by the fixed sin-cos positional table (768 -> 12288 frames).
+        max_time_patches: time patches covered by the fixed sin-cos positional table (768 -> 12288 frames): the
+            longest input of one forward pass (`max_frames`).
+        frame_shift_ms / frame_length_ms: hop and window of the input's fbank frames (Kaldi's 10 / 25 ms, as
+            CATFeatureExtractor makes them for every CAT checkpoint). They place the model's outputs in time: see
+            the time grid below.
+        frame_label_hop_ms: hop of `CATForAudioFrameClassification`'s label grid; None is one time patch (160 ms).
+            A finer hop (80, 40, 20, 10 ms: one that divides the patch hop) repeats each patch's logits.
         pooling: "cls" (the original's CLS_TOKEN mode), "mean" (mean of the patch tokens, MEAN_POOLING) or
             "lin_softmax" (LIN_SOFTMAX: per channel, sigmoid probabilities of the patch tokens pooled as
             sum(p^2) / sum(p) and returned as a logit).
@@ -86,9 +95,18 @@ class CATConfig(PreTrainedConfig):
         frame_loss_weight / utterance_loss_weight: weights of the masked-frame regression and the CLS loss.
         rr_embedding_dim: size of the external encoder's embedding for Representation Regularization
             (None: no RR projector).
-        rr_loss_type: "mse", "cosine" or "l1". rr_loss_weight: its weight.
+        rr_loss_type: "mse", "cosine" or "l1". rr_loss_weight: its weight. rr_pooling: what is projected onto the
+            external embedding: "cls", the utterance token (the paper), or "mean", the mean of the student's visible
+            patch tokens (what a mean-pooled probe reads). rr_view: "masked", the student's masked clones (the
+            paper), or "full", one extra pass of the whole clip through the student, the view a probe or a
+            classifier has (small-scale distillation learns the teacher faster from it).
         ema_decay, ema_end_decay, ema_anneal_end_step: teacher decay rises linearly from `ema_decay` to
             `ema_end_decay` over `ema_anneal_end_step` updates, then holds.
+
+    Time grid (the one place where the model's outputs are placed in time; times in ms from the first input sample):
+        `time_patch_hop_ms` (160): one time patch, `patch_size` frames; `time_patch_centre_ms(t)`: centre of the
+        samples time patch t reads (87.5 + 160 t); `max_frames` / `max_time_patches`: the longest single pass;
+        `frame_label_repeats` and `frame_label_centre_ms(k)`: the frame head's label grid.
     """
 
     model_type = "cat"
@@ -110,6 +128,9 @@ class CATConfig(PreTrainedConfig):
     num_mel_bins: int = 128
     num_extra_tokens: int = 1
     max_time_patches: int = 768
+    frame_shift_ms: float = 10.0
+    frame_length_ms: float = 25.0
+    frame_label_hop_ms: float | None = None
     pooling: Literal["cls", "mean", "lin_softmax"] = "cls"
     use_fc_norm: bool = True
     classifier_norm_eps: float = 1e-6
@@ -134,6 +155,8 @@ class CATConfig(PreTrainedConfig):
     rr_embedding_dim: int | None = 512
     rr_loss_type: RRLossType = "mse"
     rr_loss_weight: float = 1.0
+    rr_pooling: Literal["cls", "mean"] = "cls"
+    rr_view: Literal["masked", "full"] = "masked"
     ema_decay: float = 0.9998
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 100000
@@ -164,7 +187,8 @@ class CATConfig(PreTrainedConfig):
                 "'multi_label_classification', 'regression' (or None: inferred from the labels' shape and dtype)."
             )
         for name, allowed in (("stem_type", ("multires", "patch")), ("pooling", ("cls", "mean", "lin_softmax")),
-                              ("rr_loss_type", get_args(RRLossType))):
+                              ("rr_loss_type", get_args(RRLossType)), ("rr_pooling", ("cls", "mean")),
+                              ("rr_view", ("masked", "full"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {allowed}.")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -195,6 +219,20 @@ class CATConfig(PreTrainedConfig):
             if any(c <= 0 for c in self.stem_channels) or any(d < 0 for d in self.stem_depths):
                 raise ValueError(f"stem_channels must be positive and stem_depths non-negative, got "
                                  f"{self.stem_channels} and {self.stem_depths}.")
+        if self.hidden_act not in ACT2CLS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation of transformers' ACT2FN; use one of "
+                             f"{sorted(ACT2CLS)} (CAT checkpoints use 'gelu').")
+        if not (self.frame_shift_ms > 0 and self.frame_length_ms > 0):
+            raise ValueError(f"frame_shift_ms and frame_length_ms must be positive, got {self.frame_shift_ms} and "
+                             f"{self.frame_length_ms}.")
+        if self.frame_label_hop_ms is not None:
+            repeats = self.time_patch_hop_ms / self.frame_label_hop_ms if self.frame_label_hop_ms > 0 else 0
+            if repeats < 1 or not math.isclose(repeats, round(repeats)):
+                raise ValueError(
+                    f"frame_label_hop_ms={self.frame_label_hop_ms} does not divide the {self.time_patch_hop_ms:g} ms "
+                    f"time patch; use one that does (e.g. {self.time_patch_hop_ms / 4:g} or "
+                    f"{self.time_patch_hop_ms / 16:g}), or None for one label frame per patch."
+                )
         if self.num_extra_tokens < 1:
             raise ValueError("num_extra_tokens must be >= 1: the CLS (utterance) token is one of them.")
         if not 0.0 < self.mask_ratio < 1.0:
@@ -221,8 +259,30 @@ class CATConfig(PreTrainedConfig):
 
     @property
     def max_frames(self) -> int:
-        """Longest input (in frames) the positional table covers."""
+        """Longest input (in frames) the positional table covers: the longest single forward pass."""
         return self.max_time_patches * self.patch_size
+
+    # -- time grid ---------------------------------------------------------------------------------------------------
+    @property
+    def time_patch_hop_ms(self) -> float:
+        """Time between consecutive time patches (token rows): `patch_size` frames, 160 ms."""
+        return self.patch_size * self.frame_shift_ms
+
+    def time_patch_centre_ms(self, index):
+        """Centre of the samples that time patch `index` (int, float or tensor) reads, in ms from the first sample of
+        the input: frames 16 t .. 16 t + 15 span 160 t .. 160 t + 175 ms, so 87.5 + 160 t."""
+        return index * self.time_patch_hop_ms + ((self.patch_size - 1) * self.frame_shift_ms + self.frame_length_ms) / 2
+
+    @property
+    def frame_label_repeats(self) -> int:
+        """Label frames per time patch of `CATForAudioFrameClassification` (1 without `frame_label_hop_ms`)."""
+        return 1 if self.frame_label_hop_ms is None else round(self.time_patch_hop_ms / self.frame_label_hop_ms)
+
+    def frame_label_centre_ms(self, index):
+        """Centre of label frame `index` of the frame head, in ms from the first input sample: a time patch's hop
+        interval (its centre +- 80 ms) cut into `frame_label_repeats` equal frames."""
+        hop = self.time_patch_hop_ms / self.frame_label_repeats
+        return self.time_patch_centre_ms(0) - self.time_patch_hop_ms / 2 + (index + 0.5) * hop
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CATConfig":

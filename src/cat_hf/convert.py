@@ -5,6 +5,10 @@ Reads pretraining checkpoints (student in fp16, EMA teacher under `model["_ema"]
 any width and depth, with `torch.load(weights_only=True)`: fairseq is not needed. The architecture is read from the
 checkpoint's `cfg` and from the weights' shapes; the feature extractor's statistics and target length from its
 task config. The output folder is written under a temporary name and renamed, so a failure leaves nothing behind.
+
+What is read is checked before it is trusted: the CRC-32 of every member of the checkpoint's zip archive (a flipped
+byte fails it; torch.load does not look), and the converted weights for NaN, infinity and magnitudes no trained
+model has (beyond the float16 range), besides the key and shape checks against the inferred architecture.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers.utils import logging
 from .audio import DEFAULT_SAMPLING_RATE
 from .configuration_cat import CATConfig, RRLossType
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
+from .files import apply_default_modes, damaged_tensors, zip_damage
 from .modeling_cat import CATForAudioClassification, CATForPreTraining, CATModel
 
 logger = logging.get_logger(__name__)
@@ -127,6 +132,12 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointConversionError(f"{path} does not exist or is not a file.")
+    damage = zip_damage(path)  # torch's zip format stores a CRC-32 per member; torch.load does not check them
+    if damage:
+        raise CheckpointConversionError(
+            f"{path} is damaged: {damage}. The file changed after it was written (a bad copy or download, or a "
+            "failing disk); copy or download it again."
+        )
     try:
         checkpoint = _load_weights_only(path)
     except CheckpointConversionError:
@@ -575,34 +586,81 @@ def build_model(checkpoint: dict, *, teacher: bool = False):
     return model.eval()
 
 
+#: Model files of another model that would be loaded beside or instead of the converted ones.
+_FOREIGN_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+                    "*.ckpt", "*.h5", "*.msgpack", "adapter_config.json")
+
+
+def _check_output_folder(checkpoint_path: Path, output_dir: Path, overwrite: bool, written: list[str]) -> None:
+    """Refuse output folders where writing `written` (file names) would lose or mix up something."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is a file; pass a folder to write the model into.")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True "
+                              "(--overwrite on the command line) to replace the converter's files there.")
+    source, folder = checkpoint_path.resolve(), output_dir.resolve()
+    if source.is_relative_to(folder):
+        raise CheckpointConversionError(
+            f"{output_dir} holds the checkpoint being converted ({checkpoint_path}); write the conversion to another "
+            f"folder (e.g. {output_dir / 'hf'})."
+        )
+    foreign = sorted(p.name for pattern in _FOREIGN_WEIGHTS for p in output_dir.glob(pattern)
+                     if p.is_file() and p.name not in written)
+    if foreign:
+        raise CheckpointConversionError(
+            f"{output_dir} holds model files that the conversion would not replace: {foreign}; they would be loaded "
+            "beside or instead of the converted weights. Move them away or choose another folder."
+        )
+
+
 def convert_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                        teacher: bool = False, overwrite: bool = False, sampling_rate: int | None = None) -> Path:
     """Convert an original checkpoint into `output_dir` (model weights as safetensors, config with auto_map,
     feature extractor, model source files). Nothing is written if anything fails.
+
+    A new or empty `output_dir` appears whole (written under a temporary name and renamed). With `overwrite`, the
+    files the converter writes replace those of the same names in a non-empty folder, one by one, and nothing else
+    there is touched; a folder holding the checkpoint itself, or another model's weights, is refused.
 
     `sampling_rate`: the rate of the fbanks the model was trained on, for checkpoints of the downsr_16hz=false recipe
     (the audio files' own rate); default 16 kHz.
     """
     if sampling_rate is not None and sampling_rate <= 0:
         raise CheckpointConversionError(f"sampling_rate must be a positive number of Hz, got {sampling_rate}.")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True "
-                              "(--overwrite on the command line).")
+    checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        _check_output_folder(checkpoint_path, output_dir, overwrite, written=[])  # before the slow part
     checkpoint = load_original_checkpoint(checkpoint_path)
     model = build_model(checkpoint, teacher=teacher)
+    damaged = damaged_tensors(model.state_dict().items())
+    if damaged:
+        raise CheckpointConversionError(
+            f"{checkpoint_path} holds weights no trained model has ({'; '.join(damaged)}); the checkpoint is damaged "
+            "or was saved from a diverged run. Nothing was written."
+        )
     feature_extractor = feature_extractor_from_checkpoint(checkpoint, model.config.patch_size, sampling_rate)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        feature_extractor.save_pretrained(folder)
+
+    resolved = output_dir.resolve()  # "." has no name to derive the staging folder's from
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", suffix=".tmp", dir=resolved.parent))
     try:
-        model.save_pretrained(staging)
-        feature_extractor.save_pretrained(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
+        write(staging)
+        apply_default_modes(staging)
+        if resolved.is_dir():  # existing folder: replace our files only, after checking what else is there
+            _check_output_folder(checkpoint_path, output_dir, overwrite,
+                                 written=[p.name for p in staging.iterdir()])
+            for path in sorted(staging.iterdir()):
+                os.replace(path, resolved / path.name)
+        else:
+            os.replace(staging, resolved)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -611,7 +669,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="folder to write (must not exist or be empty unless --overwrite)")
     parser.add_argument("--teacher", action="store_true",
                         help="export the EMA teacher of a pretraining checkpoint instead of the student")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty output folder, replacing only the files the converter writes")
     parser.add_argument("--sampling-rate", type=int, default=None, metavar="HZ",
                         help="rate of the fbanks the model was trained on: the training files' own rate for the "
                              "task.downsr_16hz=false recipe (32000 for the authors' AudioSet copy); default 16000")

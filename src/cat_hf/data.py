@@ -32,7 +32,6 @@ from .audio import (
     AUDIO_EXTENSIONS,
     DEFAULT_SAMPLING_RATE,
     AudioDecodeError,
-    audio_info,
     describe_audio_source,
     is_audio_file,
     load_audio,
@@ -258,10 +257,28 @@ def _load_directory(
 
 
 def _scan_audio_files(root: Path) -> list[Path]:
-    """All audio files under `root`, recursively, sorted for a stable order; hidden entries skipped."""
+    """All audio files under `root`, recursively, sorted for a stable order; hidden entries skipped.
+
+    Linked folders are followed, once: a link to a folder that is listed anyway (a loop back to the root or an
+    ancestor, a second name for a folder of the tree, or a folder another link already led to) is skipped with a
+    warning. Its files would otherwise be listed again, under the link's folder names, which become labels."""
     found: list[Path] = []
+    visited = {os.path.realpath(d) for d, _, _ in os.walk(root)}  # the tree itself, reached without any link
     for directory, subdirs, names in os.walk(root, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        visited.add(os.path.realpath(directory))
+        kept = []
+        for name in sorted(d for d in subdirs if not d.startswith(".")):
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                real = os.path.realpath(path)
+                inside = real.rstrip(os.sep) + os.sep
+                if real in visited or any(folder.startswith(inside) for folder in visited):  # listed, or holds one
+                    logger.warning("Skipping the linked folder %s: it leads to %s, whose files are listed already (a "
+                                   "link loop, or a second name for a folder of the corpus).", path, real)
+                    continue
+                visited.add(real)
+            kept.append(name)
+        subdirs[:] = kept
         found.extend(Path(directory) / n for n in names if not n.startswith(".") and is_audio_file(n))
     return sorted(Path(os.path.abspath(p)) for p in found)
 
@@ -651,13 +668,17 @@ def validate_corpus(
     max_rows: int | None = None,
     max_listed: int = 10,
     split_name: str = "training",
+    sampling_rate: int = DEFAULT_SAMPLING_RATE,
 ) -> CorpusSummary:
     """Check a loaded corpus before training starts; raise one `CorpusError` listing every problem found.
 
     Errors (with the offending row numbers): no audio column; no rows; rows naming files that do not exist
     (typically a tags file with wrong relative paths); rows with an empty tag list; tags not in `labels`;
-    labels of `labels` with no example in this split; no usable file at all. With `check_audio`, every file's
-    header is read: unreadable files are only counted and logged (training skips them) unless none is usable.
+    labels of `labels` with no example in this split; no usable file at all. With `check_audio`, every clip is
+    decoded in full at `sampling_rate`, exactly as the training datasets decode it (a header check would miss
+    damaged data, NaN samples, or clips empty after resampling), so `num_unreadable` is the number of distinct clips
+    training will skip; this reads the whole corpus once. Unreadable clips are only counted and logged (training
+    skips them) unless none is usable.
 
     Args:
         labels: the label list (or label2id) training will use; enables the unknown/empty-class checks.
@@ -703,11 +724,11 @@ def validate_corpus(
             try:
                 if isinstance(entry, Mapping) and entry.get(_EMBEDDED):
                     entry = dataset[i][AUDIO_COLUMN]  # fetch this row's bytes only now
-                info = audio_info(entry)
-                if info.num_frames == 0:
-                    raise AudioDecodeError(_describe(entry), "zero length: the file holds no audio samples")
+                load_audio(entry, sampling_rate)  # decoded as training decodes it: the same clips fail
             except AudioDecodeError as err:
                 unreadable.append((i, f"{err.source}: {err.reason}"))
+            except OSError as err:
+                unreadable.append((i, f"{_describe(entry)}: {err}"))
     if len(missing) + len(unreadable) >= len(audio):
         raise CorpusError(
             f"No usable files at all: none of the {len(audio)} clips of the {split_name} corpus can be read.\n"

@@ -13,14 +13,23 @@
 
 Measured on 2 CPU cores (quiet machine): about 4 minutes in all, held-out accuracy 0.84 (chance 0.20; 0.84-0.96
 over seeds 0-2).
+
+In a `--workdir`, the demo writes only its own folders (`DEMO_FOLDERS`) and `demo_report.json`, and records every
+file it wrote in `.cat-hf-demo.json`. Run again there, it replaces what it recorded and refuses to start if one of its
+folders holds anything else, so it never deletes a file it did not write. Stopped by Ctrl-C or SIGTERM, it says which
+step was running and exits with 130 / 143; it has no resume: run it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +40,23 @@ import torch
 
 SAMPLING_RATE = 16000
 CLASSES = ("hum", "rumble", "beeps", "whistle", "hiss")
-#: What the demo writes inside its workdir (and removes again when it is run a second time there).
+#: What the demo writes inside its workdir (and replaces when it is run a second time there).
 DEMO_FOLDERS = ("corpus", "cat-tiny-pretrained", "cat-tiny-lora", "evaluation")
+REPORT_FILE = "demo_report.json"
+#: Every file the demo wrote in its workdir (relative paths): a rerun removes these and nothing else.
+MANIFEST_FILE = ".cat-hf-demo.json"
+
+
+class DemoInterrupted(Exception):
+    """A signal stopped the demo; `step` is the step that was running, `signal_name` SIGINT or SIGTERM."""
+
+    def __init__(self, step: str, signal_name: str, done: list[str]):
+        self.step, self.signal_name, self.done = step, signal_name, done
+        super().__init__(f"stopped by {signal_name} during step '{step}'")
+
+
+class WorkdirInUseError(ValueError):
+    """The workdir holds files in the demo's folders that the demo did not write."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,13 +141,64 @@ def spectral_statistics(waveforms) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The workdir: only what the demo wrote is ever replaced
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _files_under(path: Path, workdir: Path) -> set[str]:
+    if path.is_symlink() or path.is_file():
+        return {path.relative_to(workdir).as_posix()}
+    if not path.is_dir():
+        return set()
+    return {p.relative_to(workdir).as_posix() for p in path.rglob("*") if p.is_symlink() or not p.is_dir()}
+
+
+def _recorded_files(workdir: Path) -> set[str]:
+    try:
+        return set(json.loads((workdir / MANIFEST_FILE).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _record_files(workdir: Path) -> None:
+    """List what the demo wrote (its folders are cleared or new when it starts, so all they hold is its own)."""
+    from .files import atomic_write_json
+
+    written = set().union(*(_files_under(workdir / name, workdir) for name in (*DEMO_FOLDERS, REPORT_FILE)))
+    atomic_write_json(workdir / MANIFEST_FILE, {"files": sorted(written)})
+
+
+def clear_previous_run(workdir: Path) -> None:
+    """Remove what an earlier demo run wrote in `workdir`; refuse (before deleting anything) if the demo's folders
+    hold a file it did not write."""
+    recorded = _recorded_files(workdir)
+    targets = [workdir / name for name in (*DEMO_FOLDERS, REPORT_FILE)]
+    for target in targets:
+        foreign = sorted(_files_under(target, workdir) - recorded)
+        if foreign:
+            raise WorkdirInUseError(
+                f"{target} holds {len(foreign)} file(s) that the demo did not write (e.g. {foreign[:3]}); the demo "
+                f"writes {', '.join(DEMO_FOLDERS)} and {REPORT_FILE} in its workdir and never deletes files it did "
+                "not write. Move them away or choose another --workdir."
+            )
+    for target in targets:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def run_demo(workdir: Path, *, pretrain_steps: int = 1000, finetune_steps: int = 400, clips_per_class: int = 40,
              seed: int = 0) -> dict:
-    """Run every step in `workdir`; returns the timings and results it printed."""
+    """Run every step in `workdir`; returns the timings and results it printed.
+
+    Raises WorkdirInUseError (before writing anything) when the demo's folders in `workdir` hold files it did not
+    write, and DemoInterrupted when a signal stops it (SIGINT / Ctrl-C, or SIGTERM while pretraining)."""
     import transformers
     from transformers import pipeline
 
@@ -133,74 +208,94 @@ def run_demo(workdir: Path, *, pretrain_steps: int = 1000, finetune_steps: int =
 
     transformers.logging.set_verbosity_error()
     report: dict = {"steps": []}
+    running = ["setting up the workdir"]
+
+    def begin(name: str) -> float:
+        running[0] = name
+        return time.perf_counter()
 
     def step(name: str, start: float, result: str) -> None:
         seconds = time.perf_counter() - start
         report["steps"].append({"step": name, "seconds": round(seconds, 1), "result": result})
         print(f"[{seconds:6.1f} s] {name}: {result}", flush=True)
 
+    def interrupted(signal_name: str) -> DemoInterrupted:
+        return DemoInterrupted(running[0], signal_name, [s["step"] for s in report["steps"]])
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(workdir)  # a rerun starts afresh instead of resuming or mixing with an older corpus
     corpus = workdir / "corpus"
-    for owned in DEMO_FOLDERS:  # a rerun starts afresh instead of resuming or mixing with an older corpus
-        shutil.rmtree(workdir / owned, ignore_errors=True)
-    start = time.perf_counter()
-    counts = synthesize_corpus(corpus, clips_per_class=clips_per_class, seed=seed)
-    step("synthesise corpus", start,
-         f"{len(CLASSES)} classes ({', '.join(CLASSES)}), {counts['train']} train / {counts['test']} test clips "
-         f"of 2 s in {corpus}")
+    try:
+        start = begin("synthesise corpus")
+        counts = synthesize_corpus(corpus, clips_per_class=clips_per_class, seed=seed)
+        step("synthesise corpus", start,
+             f"{len(CLASSES)} classes ({', '.join(CLASSES)}), {counts['train']} train / {counts['test']} test clips "
+             f"of 2 s in {corpus}")
 
-    start = time.perf_counter()
-    pretrained = workdir / "cat-tiny-pretrained"
-    pretrain({
-        "model": {"preset": "cat-tiny", "rr_embedding_dim": SPECTRAL_EMBEDDING_DIM, "ema_decay": 0.99,
-                  "ema_end_decay": 0.999, "ema_anneal_end_step": pretrain_steps},
-        "data": str(corpus / "train"), "clip_seconds": 1.28, "target_length": None, "num_workers": 0,
-        "rr_encoder": f"python:cat_hf.demo:spectral_statistics?embedding_dim={SPECTRAL_EMBEDDING_DIM}",
-        "batch_size": 8, "max_steps": pretrain_steps, "learning_rate": 1e-3, "warmup_steps": pretrain_steps // 10,
-        "mixed_precision": "no", "seed": seed, "output_dir": str(pretrained), "save_every": 0,
-        "report_to": "none", "progress_bar": False, "log_every": 10,
-    })
-    records = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [r for r in records if "rr_loss" in r]
-    step("pretrain cat-tiny with RR", start,
-         f"{pretrain_steps} steps; loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f} "
-         f"(RR {losses[0]['rr_loss']:.3f} -> {losses[-1]['rr_loss']:.3f}); exported to {pretrained}")
+        start = begin("pretrain cat-tiny with RR")
+        pretrained = workdir / "cat-tiny-pretrained"
+        console = io.StringIO()  # pretrain's own messages advise `cat-hf pretrain --resume`, which the demo has not
+        with contextlib.redirect_stdout(console):
+            outcome = pretrain({
+                "model": {"preset": "cat-tiny", "rr_embedding_dim": SPECTRAL_EMBEDDING_DIM, "ema_decay": 0.99,
+                          "ema_end_decay": 0.999, "ema_anneal_end_step": pretrain_steps},
+                "data": str(corpus / "train"), "clip_seconds": 1.28, "target_length": None, "num_workers": 0,
+                "rr_encoder": f"python:cat_hf.demo:spectral_statistics?embedding_dim={SPECTRAL_EMBEDDING_DIM}",
+                "batch_size": 8, "max_steps": pretrain_steps, "learning_rate": 1e-3,
+                "warmup_steps": pretrain_steps // 10, "mixed_precision": "no", "seed": seed,
+                "output_dir": str(pretrained), "save_every": 0, "report_to": "none", "progress_bar": False,
+                "log_every": 10,
+            })
+        if outcome.get("interrupted"):  # pretrain saved a checkpoint and returned early
+            raise interrupted(outcome["interrupted"])
+        records = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()
+                   if line.strip()]
+        losses = [r for r in records if "rr_loss" in r]
+        step("pretrain cat-tiny with RR", start,
+             f"{pretrain_steps} steps; loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f} "
+             f"(RR {losses[0]['rr_loss']:.3f} -> {losses[-1]['rr_loss']:.3f}); exported to {pretrained}")
 
-    start = time.perf_counter()
-    finetuned = workdir / "cat-tiny-lora"
-    result = finetune({
-        "data": str(corpus / "train"), "model": str(pretrained), "preset": "cat-tiny", "max_length": 128,
-        "feature_preset": "audioset", "validation_size": 0.2, "lora": True, "merge": True,
-        "batch_size": 16, "max_steps": finetune_steps, "warmup_steps": finetune_steps // 10, "learning_rate": 3e-3,
-        "eval_steps": max(finetune_steps // 4, 1), "num_workers": 0, "logging_steps": 1000, "seed": seed,
-        "output_dir": str(finetuned), "drop_path_rate": 0.0,
-    })
-    merged = Path(result.get("merged_dir") or finetuned / "merged")
-    step("LoRA finetune on the tags", start,
-         f"{finetune_steps} steps, {100 * result['trainable_share']:.1f}% of the parameters trained, best validation "
-         f"{result['metric']} {result['best_metric']:.3f}; adapter merged into {merged}")
+        start = begin("LoRA finetune on the tags")
+        finetuned = workdir / "cat-tiny-lora"
+        result = finetune({
+            "data": str(corpus / "train"), "model": str(pretrained), "preset": "cat-tiny", "max_length": 128,
+            "feature_preset": "audioset", "validation_size": 0.2, "lora": True, "merge": True,
+            "batch_size": 16, "max_steps": finetune_steps, "warmup_steps": finetune_steps // 10,
+            "learning_rate": 3e-3, "eval_steps": max(finetune_steps // 4, 1), "num_workers": 0,
+            "logging_steps": 1000, "seed": seed, "output_dir": str(finetuned), "drop_path_rate": 0.0,
+        })
+        merged = Path(result.get("merged_dir") or finetuned / "merged")
+        step("LoRA finetune on the tags", start,
+             f"{finetune_steps} steps, {100 * result['trainable_share']:.1f}% of the parameters trained, best "
+             f"validation {result['metric']} {result['best_metric']:.3f}; adapter merged into {merged}")
 
-    start = time.perf_counter()
-    metrics = evaluate_model(str(merged), str(corpus / "test"), output_dir=str(workdir / "evaluation"))
-    accuracy = metrics["metrics"]["accuracy"]
-    report["accuracy"] = accuracy
-    step("evaluate on held-out clips", start,
-         f"accuracy {accuracy:.3f} on {metrics.get('num_examples')} clips (chance {1 / len(CLASSES):.2f})")
+        start = begin("evaluate on held-out clips")
+        metrics = evaluate_model(str(merged), str(corpus / "test"), output_dir=str(workdir / "evaluation"))
+        accuracy = metrics["metrics"]["accuracy"]
+        report["accuracy"] = accuracy
+        step("evaluate on held-out clips", start,
+             f"accuracy {accuracy:.3f} on {metrics.get('num_examples')} clips (chance {1 / len(CLASSES):.2f})")
 
-    start = time.perf_counter()
-    classifier = pipeline("audio-classification", model=str(merged))
-    rng = np.random.default_rng(seed + 1)
-    lines = []
-    for label in CLASSES:
-        audio = synthesize_clip(label, rng, 2.0)
-        top = classifier({"array": audio, "sampling_rate": SAMPLING_RATE}, top_k=1)[0]
-        lines.append(f"{label} -> {top['label']} ({top['score']:.2f})")
-    step("pipeline('audio-classification') on new clips", start, "; ".join(lines))
-    report["model_dir"] = str(merged)
-    return report
+        start = begin("pipeline('audio-classification') on new clips")
+        classifier = pipeline("audio-classification", model=str(merged))
+        rng = np.random.default_rng(seed + 1)
+        lines = []
+        for label in CLASSES:
+            audio = synthesize_clip(label, rng, 2.0)
+            top = classifier({"array": audio, "sampling_rate": SAMPLING_RATE}, top_k=1)[0]
+            lines.append(f"{label} -> {top['label']} ({top['score']:.2f})")
+        step("pipeline('audio-classification') on new clips", start, "; ".join(lines))
+        report["model_dir"] = str(merged)
+        return report
+    except KeyboardInterrupt as stop:
+        raise interrupted(stop.args[0] if stop.args and str(stop.args[0]).startswith("SIG") else "SIGINT") from None
+    finally:
+        _record_files(workdir)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", help="keep everything here (default: a temporary folder, removed at the end)")
+    parser.add_argument("--workdir", help="keep everything here (default: a temporary folder, removed at the end); "
+                                          "the demo writes only its own folders there")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--finetune-steps", type=int, default=400)
     parser.add_argument("--clips-per-class", type=int, default=40)
@@ -209,20 +304,39 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (the timings in the README use 2)")
 
 
+def _terminate(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)  # unwinds like Ctrl-C, so the demo says where it stopped
+
+
 def run_cli(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cat-hf-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run_demo(workdir, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
                           clips_per_class=args.clips_per_class, seed=args.seed)
         report["total_seconds"] = round(time.perf_counter() - start, 1)
         print(f"\nDemo finished in {report['total_seconds']:.0f} s, held-out accuracy {report['accuracy']:.3f}.")
         if args.workdir:
-            (workdir / "demo_report.json").write_text(json.dumps(report, indent=2))
+            from .files import atomic_write_json
+
+            atomic_write_json(workdir / REPORT_FILE, report)
+            _record_files(workdir)
             print(f"Model folder: {report['model_dir']}")
+        return 0
+    except WorkdirInUseError as error:
+        print(f"cat-hf demo: error: {error}", file=sys.stderr)
+        return 2
+    except DemoInterrupted as stop:
+        done = f" after: {', '.join(stop.done)}" if stop.done else ""
+        kept = (f"What it wrote so far is in {workdir}; running the demo again there replaces it."
+                if args.workdir else "Its temporary folder was removed.")
+        print(f"\ncat-hf demo: stopped by {stop.signal_name} during step '{stop.step}'{done}; the steps after it did "
+              f"not run. The demo cannot be resumed: run it again to start afresh. {kept}", file=sys.stderr)
+        known = stop.signal_name in signal.Signals.__members__
+        return 128 + int(signal.Signals[stop.signal_name]) if known else 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    return 0

@@ -1,27 +1,40 @@
-"""`cat-hf embed`: run a frozen external encoder once over a corpus and cache one embedding per clip.
+"""`cat-hf embed`: embeddings of every clip of a corpus, written to disk, resumable after a kill.
 
-Representation Regularization needs the teacher's embedding of every pretraining clip; computing it once
-(as the authors did) keeps the teacher out of the training loop. The cache is a folder of shards:
+Two modes:
 
-- `shard-00000.safetensors`: `embeddings` (n, D) float32 and `indices` (n,) int64, the example indices of
-  the corpus; shard k covers examples [k * shard_size, (k + 1) * shard_size). Clips that cannot be read are
-  skipped and have no row; their indices and reasons sit in the shard's metadata (`failed`).
-- `index.json`: encoder name / spec, embedding dim, sampling rate, corpus fingerprint, number of examples,
-  shard list, failures, and whether the cache is complete.
+- `cat-hf embed CORPUS --model FOLDER --output-dir OUT [--frames]`: clip (or frame) embeddings of a CAT model
+  folder, for users (`embed_audio`). Whole clips of any length (long ones go through `cat_hf.embeddings`'s
+  overlapping passes). The output folder holds, once complete:
 
-Every file is written to a temporary name and renamed. A run that stops part way is resumed by running the
-same command again: complete shards are kept, the rest are computed. `EmbeddingCache` reads a cache back
-(`cache[i]`, `cache.get_batch(indices)`) and refuses one computed for another corpus.
+  - `embeddings.npy` (rows, D) float32, or `embeddings.parquet` with columns `clip`, `path`, [`timestamp_ms`],
+    `embedding` (`--format parquet`): one row per clip, or per frame with `--frames`;
+  - `timestamps.npy` (rows,) float64 ms with `--frames` (npy format);
+  - `clips.csv`: `clip,path,first_row,num_rows,duration_s,error` for every example of the corpus (clips that
+    cannot be read have no rows and say why);
+  - `embed.json`: the model, the options, the time grid, the corpus fingerprint and `complete`.
+
+  Clips are embedded in parts of `--shard-size` clips, each written atomically to `parts/` as it is done; running
+  the same command again after a kill keeps the finished parts and computes the rest; the final files are built
+  from the parts at the end (then the parts are removed).
+
+- `cat-hf embed CORPUS --encoder SPEC --output-dir OUT`: one embedding per clip from a frozen external encoder,
+  cached for Representation Regularization (`embed_corpus`; read back with `cat_hf.embedding_cache.EmbeddingCache`,
+  format in that module). Clips are cut to their first `--max-seconds` (10 s by default); a run that stops part way
+  is resumed by running the same command again.
+
+Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,99 +46,33 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .embedding_cache import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    EMBEDDINGS_KEY,
+    INDEX_FILE,
+    INDICES_KEY,
+    SHARD_PATTERN,
+    EmbeddingCache,
+    EmbeddingCacheError,
+    corpus_fingerprint,
+    read_cache_index,
+)
 from .external_encoders import (
     INPUT_SAMPLING_RATE,
     ExternalEncoder,
     build_external_encoder,
 )
-from .files import atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "index.json"
-CACHE_FORMAT = "cat-hf-embedding-cache"
-CACHE_VERSION = 1
-SHARD_PATTERN = "shard-{:05d}.safetensors"
-EMBEDDINGS_KEY = "embeddings"
-INDICES_KEY = "indices"
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_SECONDS = 10.0
 _TMP_MARKER = ".tmp-"
-
-
-class EmbeddingCacheError(ValueError):
-    """An embedding cache is missing, damaged, incomplete, or belongs to another corpus / encoder."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# corpus identity
-# ---------------------------------------------------------------------------------------------------------
-
-
-def corpus_fingerprint(dataset: Any, audio_column: str = "audio") -> str:
-    """A stable identity of a corpus: its size and, in order, each clip's path (relative to the clips'
-    common folder, so a moved corpus keeps its fingerprint) or, for in-memory clips, a hash of the bytes.
-
-    Two loads of the same files in the same order agree; reordering, adding or removing clips changes it.
-    """
-    import datasets
-
-    if isinstance(dataset, datasets.IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ValueError(
-            "Embedding caches are indexed by example, so the corpus must be a map-style datasets.Dataset; load "
-            "it without streaming=True."
-        )
-    if audio_column not in dataset.column_names:
-        raise ValueError(f"The corpus has no {audio_column!r} column (columns: {dataset.column_names}).")
-    feature = dataset.features[audio_column]
-    table = dataset.select_columns([audio_column])
-    if isinstance(feature, datasets.Audio) and feature.decode:
-        table = table.cast_column(audio_column, datasets.Audio(decode=False))
-    ids: list[str] = []
-    paths: list[str] = []
-    for batch in table.with_format(None).iter(batch_size=4096):
-        for entry in batch[audio_column]:
-            ident, path = _entry_identity(entry)
-            ids.append(ident)
-            if path is not None:
-                paths.append(path)
-    root = _common_folder(paths)
-    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{len(ids)}\n".encode())
-    for ident in ids:
-        if ident.startswith("path:") and root:
-            ident = "path:" + os.path.relpath(ident[5:], root)
-        digest.update(ident.encode("utf-8", "surrogateescape") + b"\n")
-    return digest.hexdigest()
-
-
-def _entry_identity(entry: Any) -> tuple[str, str | None]:
-    if isinstance(entry, str):
-        return f"path:{entry}", entry
-    if isinstance(entry, Mapping):
-        if entry.get("path"):
-            return f"path:{entry['path']}", str(entry["path"])
-        if entry.get("bytes") is not None:
-            return "bytes:" + hashlib.sha1(bytes(entry["bytes"])).hexdigest(), None
-        if entry.get("array") is not None:
-            array = np.ascontiguousarray(np.asarray(entry["array"], dtype=np.float32))
-            return f"array:{entry.get('sampling_rate')}:" + hashlib.sha1(array.tobytes()).hexdigest(), None
-    return f"repr:{entry!r}", None
-
-
-def _common_folder(paths: list[str]) -> str:
-    if not paths:
-        return ""
-    try:
-        root = os.path.commonpath(paths)
-    except ValueError:  # a mix of absolute and relative paths (or drives)
-        return ""
-    if len(paths) == 1 or root in paths:
-        root = os.path.dirname(root)
-    return root
-
 
 # ---------------------------------------------------------------------------------------------------------
 # atomic files
@@ -159,173 +106,13 @@ def _remove_stale_temporaries(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# reading a cache
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _read_index(folder: Path) -> dict[str, Any]:
-    path = folder / INDEX_FILE
-    if not path.is_file():
-        raise EmbeddingCacheError(
-            f"'{folder}' is not an embedding cache (no {INDEX_FILE}); create it with "
-            "`cat-hf embed CORPUS --encoder SPEC --output-dir FOLDER`."
-        )
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise EmbeddingCacheError(f"'{path}' is not valid JSON ({err}); delete the cache folder and embed again.") from err
-    if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
-        raise EmbeddingCacheError(
-            f"'{path}' is not a version-{CACHE_VERSION} cat-hf embedding cache (format={index.get('format')!r}, "
-            f"version={index.get('version')!r}); recreate it with this version of `cat-hf embed`."
-        )
-    return index
-
-
-class EmbeddingCache:
-    """Read access to a folder written by `cat-hf embed`.
-
-    Indexing is by example index of the corpus: `cache[i]` -> (D,) float32 tensor, `cache.get_batch(indices)`
-    -> (B, D). `len(cache)` is the number of examples of the corpus; clips that could not be read have no
-    embedding (`missing_indices`, `i in cache`). Shards are loaded on first use and kept in memory.
-
-    Args:
-        folder: the cache folder.
-        corpus: the dataset the cache will be used with; its fingerprint must match the one recorded.
-        fingerprint: the expected corpus fingerprint (alternative to `corpus`).
-        allow_incomplete: read a cache whose `cat-hf embed` run has not finished (missing shards count as
-            missing rows); by default such a cache is refused.
-    """
-
-    def __init__(
-        self,
-        folder: str | os.PathLike,
-        *,
-        corpus: Any = None,
-        fingerprint: str | None = None,
-        allow_incomplete: bool = False,
-    ) -> None:
-        self.folder = Path(folder)
-        self.index = _read_index(self.folder)
-        if corpus is not None:
-            fingerprint = corpus_fingerprint(corpus)
-        recorded = self.index["corpus"]["fingerprint"]
-        if fingerprint is not None and fingerprint != recorded:
-            num = len(corpus) if corpus is not None else "?"
-            raise EmbeddingCacheError(
-                f"The embedding cache '{self.folder}' was computed for another corpus (fingerprint "
-                f"{recorded[:12]}..., {self.index['corpus']['num_examples']} examples) than this one "
-                f"({fingerprint[:12]}..., {num} examples): the clips, their order or their number differ. Embed "
-                f"this corpus with `cat-hf embed CORPUS --encoder {self.index['encoder'].get('spec') or 'SPEC'} "
-                "--output-dir NEW_FOLDER` and point the config at the new folder."
-            )
-        if not self.index.get("complete") and not allow_incomplete:
-            raise EmbeddingCacheError(
-                f"The embedding cache '{self.folder}' is incomplete ({len(self.index['shards'])} of "
-                f"{self.index['num_shards']} shards); finish it by running the same `cat-hf embed` command again "
-                "(it resumes), or pass allow_incomplete=True."
-            )
-        self.dim = int(self.index["embedding_dim"])
-        self.sampling_rate = int(self.index["sampling_rate"])
-        self.encoder_name = str(self.index["encoder"]["name"])
-        self.fingerprint = recorded
-        self.num_examples = int(self.index["corpus"]["num_examples"])
-        self.shard_size = int(self.index["shard_size"])
-        self._shard_files: dict[int, str] = {int(s["shard"]): s["file"] for s in self.index["shards"]}
-        self._loaded: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-        done_failed = {int(i) for s in self.index["shards"] for i in s["failed"]}
-        missing_shards = [k for k in range(self.index["num_shards"]) if k not in self._shard_files]
-        for k in missing_shards:
-            done_failed.update(range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_examples)))
-        self.missing_indices: list[int] = sorted(done_failed)
-        self.num_embeddings = self.num_examples - len(self.missing_indices)
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def __contains__(self, index: int) -> bool:
-        _shard, position = self._position(int(index), strict=False)
-        return position is not None
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.get_batch([index])[0]
-
-    def get_batch(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, D) float32 embeddings of the given example indices, in that order."""
-        if isinstance(indices, (torch.Tensor, np.ndarray)):
-            indices = indices.reshape(-1).tolist()
-        rows = []
-        for index in indices:
-            shard, position = self._position(int(index), strict=True)
-            rows.append(self._loaded[shard][0][position])
-        if not rows:
-            return torch.empty(0, self.dim)
-        return torch.stack(rows)
-
-    def available_indices(self) -> list[int]:
-        """Example indices that have an embedding (use them to filter the training set)."""
-        missing = set(self.missing_indices)
-        return [i for i in range(self.num_examples) if i not in missing]
-
-    def _position(self, index: int, *, strict: bool) -> tuple[int, int | None]:
-        if not 0 <= index < self.num_examples:
-            if not strict:
-                return -1, None
-            raise IndexError(
-                f"Example index {index} is outside the embedding cache '{self.folder}' ({self.num_examples} examples)."
-            )
-        shard = index // self.shard_size
-        if shard not in self._shard_files:
-            if not strict:
-                return shard, None
-            raise KeyError(
-                f"Example {index} is in shard {shard}, which the unfinished `cat-hf embed` run has not written yet; "
-                "finish the cache by running the same command again."
-            )
-        self._load_shard(shard)
-        position = int(self._loaded[shard][1][index - shard * self.shard_size])
-        if position < 0:
-            if not strict:
-                return shard, None
-            raise KeyError(
-                f"Example {index} has no embedding in '{self.folder}': its audio could not be read when the cache "
-                "was built (see `failed` in index.json); drop it from the training set, e.g. "
-                "dataset.select(cache.available_indices())."
-            )
-        return shard, position
-
-    def _load_shard(self, shard: int) -> None:
-        if shard in self._loaded:
-            return
-        path = self.folder / self._shard_files[shard]
-        try:
-            tensors = load_file(str(path))
-        except Exception as err:
-            raise EmbeddingCacheError(
-                f"Cannot read shard '{path}' ({err}); delete it and run `cat-hf embed` again to recompute it."
-            ) from err
-        embeddings, indices = tensors[EMBEDDINGS_KEY].to(torch.float32), tensors[INDICES_KEY].numpy()
-        start = shard * self.shard_size
-        stop = min(start + self.shard_size, self.num_examples)
-        positions = np.full(stop - start, -1, dtype=np.int64)
-        positions[indices - start] = np.arange(len(indices))
-        self._loaded[shard] = (embeddings, positions)
-
-    def __repr__(self) -> str:
-        return (
-            f"EmbeddingCache(folder='{self.folder}', encoder={self.encoder_name!r}, dim={self.dim}, "
-            f"examples={self.num_examples}, missing={len(self.missing_indices)})"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------
 # writing a cache
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class EmbedReport:
-    """What one `embed_corpus` run did."""
+    """What one `embed_corpus` / `embed_audio` run did."""
 
     output_dir: str
     num_examples: int
@@ -335,6 +122,7 @@ class EmbedReport:
     shards_reused: int
     failed: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    index_file: str = INDEX_FILE
 
     def __str__(self) -> str:
         lines = [
@@ -346,16 +134,18 @@ class EmbedReport:
             lines.append(f"{len(self.failed)} clip(s) could not be read and have no embedding:")
             lines += [f"  #{f['index']} {f['source']}: {f['reason']}" for f in self.failed[:20]]
             if len(self.failed) > 20:
-                lines.append(f"  ... and {len(self.failed) - 20} more (see {INDEX_FILE})")
+                lines.append(f"  ... and {len(self.failed) - 20} more (see {self.index_file})")
         return "\n".join(lines)
 
 
 class _ClipReader(torch.utils.data.Dataset):
-    """Decodes clips of the corpus at 16 kHz by example index; failures become (index, None, source, reason)."""
+    """Decodes clips of the corpus at `sampling_rate` by example index: (index, waveform, source, reason), with
+    waveform None and the reason when the clip cannot be read."""
 
-    def __init__(self, dataset: Any, max_samples: int | None) -> None:
+    def __init__(self, dataset: Any, max_samples: int | None, sampling_rate: int = INPUT_SAMPLING_RATE) -> None:
         self.dataset = dataset
         self.max_samples = max_samples
+        self.sampling_rate = sampling_rate
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -366,14 +156,14 @@ class _ClipReader(torch.utils.data.Dataset):
         entry = None
         try:
             entry = self.dataset[index]["audio"]
-            waveform = load_audio(entry, target_sr=INPUT_SAMPLING_RATE)
+            waveform = load_audio(entry, target_sr=self.sampling_rate)
         except Exception as err:  # noqa: BLE001 - an unreadable clip is skipped and reported, never fatal
             reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
             source = describe_audio_source(entry).strip("'") if entry is not None else f"#{index}"
             return index, None, source, str(reason)
         if self.max_samples is not None:
             waveform = waveform[: self.max_samples]
-        return index, waveform, "", ""
+        return index, waveform, describe_audio_source(entry).strip("'"), ""
 
 
 def _collate(items: list[Any]) -> list[Any]:
@@ -551,7 +341,7 @@ def embed_corpus(
 
 def _check_resumable(folder: Path, settings: Mapping[str, Any]) -> None:
     try:
-        existing = _read_index(folder)
+        existing = read_cache_index(folder)
     except EmbeddingCacheError as err:
         raise EmbeddingCacheError(f"{err} Or pass --overwrite to start this cache over.") from err
     checks = [
@@ -600,6 +390,394 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="clip", desc="embedding", dynamic_ncols=True)
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# embeddings of a CAT model (for users)
+# ---------------------------------------------------------------------------------------------------------
+
+OUTPUT_INDEX = "embed.json"
+OUTPUT_FORMAT = "cat-hf-embeddings"
+OUTPUT_VERSION = 1
+OUTPUT_FORMATS = ("npy", "parquet")
+PARTS_FOLDER = "parts"
+PART_PATTERN = "part-{:05d}.npz"
+CLIPS_FILE = "clips.csv"
+DEFAULT_MODEL_SHARD_SIZE = 64
+DEFAULT_MODEL_BATCH_SIZE = 8
+_FINAL_FILES = ("embeddings.npy", "timestamps.npy", "embeddings.parquet", CLIPS_FILE)
+
+
+def _remove_stale_output_temporaries(folder: Path) -> None:
+    """Temporary files of a killed run: every hidden file in parts/ (a folder of ours), ours in `folder`."""
+    for path in (folder / PARTS_FOLDER).glob(".*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+    for name in (OUTPUT_INDEX, *_FINAL_FILES):
+        for path in folder.glob(f".{name}*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """Identity of the weights: a hash of every parameter and buffer (so that a retrained folder is noticed)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def embed_audio(
+    corpus: Any,
+    model: str | os.PathLike | Any,
+    output_dir: str | os.PathLike,
+    *,
+    frames: bool = False,
+    output_format: str = "npy",
+    batch_size: int = DEFAULT_MODEL_BATCH_SIZE,
+    shard_size: int = DEFAULT_MODEL_SHARD_SIZE,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    split: str | None = "train",
+    audio_column: str | None = None,
+    overwrite: bool = False,
+    max_shards: int | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> EmbedReport:
+    """Writes (or resumes writing) the clip or frame embeddings of every clip of `corpus` to `output_dir`.
+
+    `corpus` is anything `load_audio_corpus` reads; `model` a CAT model folder (or a `CATEmbedder`); `options` are
+    `CATEmbedder` options (layer, frequency, pooling, hop_ms, chunk_seconds, chunk_overlap_seconds). The layout of
+    `output_dir` is in the module docstring. `max_shards` stops after that many new parts (the run stays
+    resumable); `overwrite` discards what `output_dir` holds from an earlier run.
+    """
+    from .data import load_audio_corpus
+    from .embeddings import CATEmbedder
+
+    start_time = time.monotonic()
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r} is not supported; use one of {OUTPUT_FORMATS}.")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
+    if isinstance(model, CATEmbedder):
+        if options:
+            raise ValueError(f"options {sorted(options)} are set on the CATEmbedder itself; pass them when building it.")
+        embedder, model_name = model, type(model.model).__name__
+        if device is not None:
+            embedder.model.to(device)
+    else:
+        embedder = CATEmbedder.from_pretrained(model, device=device, batch_size=batch_size, **options)
+        model_name = os.path.abspath(os.fspath(model)) if os.path.isdir(model) else os.fspath(model)
+    dataset = load_audio_corpus(corpus, split=split, audio_column=audio_column, label_column=False)
+    num_examples = len(dataset)
+    if num_examples == 0:
+        raise ValueError(f"The corpus {corpus!r} has no examples; nothing to embed.")
+    num_shards = math.ceil(num_examples / shard_size)
+    settings = {
+        "format": OUTPUT_FORMAT,
+        "version": OUTPUT_VERSION,
+        "model": {"name": model_name, "fingerprint": _model_fingerprint(embedder.model)},
+        "kind": "frames" if frames else "clips",
+        "output_format": output_format,
+        "options": {
+            "layer": list(embedder.layers) if embedder.layers is not None else None,
+            "frequency": embedder.frequency, "pooling": embedder.pooling,
+            "chunk_patches": embedder.chunk_patches, "overlap_patches": embedder.overlap_patches,
+        },
+        "embedding_dim": embedder.frame_embedding_size if frames else embedder.clip_embedding_size,
+        "sampling_rate": embedder.sampling_rate,
+        "time_grid": {"hop_ms": embedder.hop_ms, "centre_offset_ms": embedder.centre_offset_ms,
+                      "max_pass_seconds": embedder.max_pass_seconds} if frames else None,
+        "corpus": {"fingerprint": corpus_fingerprint(dataset), "num_examples": num_examples, "source": str(corpus)},
+        "shard_size": int(shard_size),
+        "num_shards": num_shards,
+    }
+
+    folder = Path(output_dir)
+    parts = folder / PARTS_FOLDER
+    if overwrite:
+        for name in (OUTPUT_INDEX, *_FINAL_FILES):
+            (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True, exist_ok=True)
+    _remove_stale_output_temporaries(folder)
+    existing = _read_output_index(folder)
+    if existing is not None:
+        _check_same_run(folder, existing, settings)
+        if existing.get("complete"):
+            return _report_of(folder, existing, computed=0, reused=num_shards, start_time=start_time)
+
+    entries: dict[int, dict[str, Any]] = {}
+    for shard in range(num_shards):
+        entry = _read_part(parts / PART_PATTERN.format(shard), shard,
+                           _shard_range(shard, shard_size, num_examples), settings["embedding_dim"], frames)
+        if entry is not None:
+            entries[shard] = entry
+    reused = len(entries)
+    _write_output_index(folder, settings, entries, complete=False)
+
+    todo = [k for k in range(num_shards) if k not in entries]
+    if max_shards is not None:
+        todo = todo[: max(0, int(max_shards))]
+    bar = _progress_bar(sum(len(_shard_range(k, shard_size, num_examples)) for k in todo), progress)
+    batches: list[list[int]] = []
+    batch_shards: list[int] = []
+    for shard in todo:
+        indices = list(_shard_range(shard, shard_size, num_examples))
+        for first in range(0, len(indices), batch_size):
+            batches.append(indices[first : first + batch_size])
+            batch_shards.append(shard)
+    loader = torch.utils.data.DataLoader(
+        _ClipReader(dataset, None, embedder.sampling_rate), batch_sampler=batches, num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    computed = 0
+    part = _PartBuilder(frames)
+    for position, batch in enumerate(loader):
+        shard = batch_shards[position]
+        good = [(i, w, source) for i, w, source, _ in batch if w is not None]
+        for i, w, source, reason in batch:
+            if w is None:
+                logger.warning("Skipping clip #%d %s: %s", i, source, reason)
+                part.failures.append({"index": i, "source": source, "reason": reason})
+        if good:
+            waves = [w for _, w, _ in good]
+            if frames:
+                result = embedder.frame_embeddings(waves, sampling_rate=embedder.sampling_rate)
+                for row, (i, w, source) in enumerate(good):
+                    vectors, stamps = result.clip(row)
+                    part.add(i, source, len(w) / embedder.sampling_rate, vectors, stamps)
+            else:
+                vectors = embedder.clip_embeddings(waves, sampling_rate=embedder.sampling_rate)
+                for row, (i, w, source) in enumerate(good):
+                    part.add(i, source, len(w) / embedder.sampling_rate, vectors[row : row + 1], None)
+        bar.update(len(batch))
+        if position + 1 < len(batches) and batch_shards[position + 1] == shard:
+            continue
+        entries[shard] = part.save(parts / PART_PATTERN.format(shard), shard, settings["embedding_dim"])
+        _write_output_index(folder, settings, entries, complete=False)
+        computed += 1
+        part = _PartBuilder(frames)
+    bar.close()
+
+    if len(entries) == num_shards:
+        _assemble(folder, settings, entries, frames, output_format)
+        _write_output_index(folder, settings, entries, complete=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    return _report_of(folder, _read_output_index(folder), computed=computed, reused=reused, start_time=start_time)
+
+
+class _PartBuilder:
+    """The rows of one part (shard of clips) while it is computed."""
+
+    def __init__(self, frames: bool) -> None:
+        self.frames = frames
+        self.embeddings: list[np.ndarray] = []
+        self.timestamps: list[np.ndarray] = []
+        self.clips: list[int] = []
+        self.sources: list[str] = []
+        self.rows: list[int] = []
+        self.durations: list[float] = []
+        self.failures: list[dict[str, Any]] = []
+
+    def add(self, clip: int, source: str, duration: float, vectors: torch.Tensor, stamps: torch.Tensor | None) -> None:
+        self.embeddings.append(vectors.numpy().astype(np.float32, copy=False))
+        if stamps is not None:
+            self.timestamps.append(stamps.numpy().astype(np.float64, copy=False))
+        self.clips.append(clip)
+        self.sources.append(source)
+        self.rows.append(vectors.shape[0])
+        self.durations.append(duration)
+
+    def save(self, path: Path, shard: int, dim: int) -> dict[str, Any]:
+        arrays = {
+            "embeddings": np.concatenate(self.embeddings) if self.embeddings else np.zeros((0, dim), np.float32),
+            "clips": np.asarray(self.clips, dtype=np.int64),
+            "rows": np.asarray(self.rows, dtype=np.int64),
+            "durations": np.asarray(self.durations, dtype=np.float64),
+            "meta": np.asarray(json.dumps({"sources": self.sources, "failures": self.failures})),
+        }
+        if self.frames:
+            arrays["timestamps"] = np.concatenate(self.timestamps) if self.timestamps else np.zeros(0)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+        return _part_entry(path, shard, arrays, self.sources, self.failures)
+
+
+def _part_entry(path: Path, shard: int, arrays: Mapping[str, np.ndarray], sources: list[str],
+                failures: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "shard": shard, "file": f"{PARTS_FOLDER}/{path.name}", "num_embeddings": len(arrays["clips"]),
+        "num_rows": int(arrays["rows"].sum()), "failed": [int(f["index"]) for f in failures],
+        "_failures": failures, "_sources": sources,
+    }
+
+
+def _read_part(path: Path, shard: int, expected: range, dim: int, frames: bool) -> dict[str, Any] | None:
+    """The index entry of a complete, consistent part file, else None (the part gets recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        meta = json.loads(str(arrays["meta"]))
+        sources, failures = meta["sources"], meta["failures"]
+        embeddings, clips, rows = arrays["embeddings"], arrays["clips"], arrays["rows"]
+        ok = (
+            embeddings.ndim == 2 and embeddings.shape[1] == dim and len(rows) == len(clips) == len(sources)
+            and int(rows.sum()) == embeddings.shape[0]
+            and sorted(clips.tolist() + [int(f["index"]) for f in failures]) == list(expected)
+            and (not frames or arrays["timestamps"].shape == (embeddings.shape[0],))
+        )
+    except Exception as err:  # noqa: BLE001 - a damaged part is simply recomputed
+        logger.warning("Recomputing damaged part '%s' (%s).", path, err)
+        return None
+    if not ok:
+        logger.warning("Recomputing part '%s': its contents do not match this run.", path)
+        return None
+    return _part_entry(path, shard, arrays, sources, failures)
+
+
+def _load_part(folder: Path, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    with np.load(folder / entry["file"], allow_pickle=False) as data:
+        return {key: data[key] for key in data.files if key != "meta"}
+
+
+def _assemble(folder: Path, settings: Mapping[str, Any], entries: Mapping[int, Mapping[str, Any]], frames: bool,
+              output_format: str) -> None:
+    """Builds the final files from the parts (each written to a temporary name and renamed)."""
+    shards = sorted(entries)
+    total = sum(int(entries[s]["num_rows"]) for s in shards)
+    dim = int(settings["embedding_dim"])
+    table_rows: list[str] = ["clip,path,first_row,num_rows,duration_s,error"]
+    first_row = 0
+    records: dict[int, str] = {}
+    for s in shards:
+        arrays = _load_part(folder, entries[s])
+        for clip, source, rows, duration in zip(arrays["clips"].tolist(), entries[s]["_sources"],
+                                                arrays["rows"].tolist(), arrays["durations"].tolist()):
+            records[clip] = f"{clip},{_csv(source)},{first_row},{rows},{duration:.6f},"
+            first_row += rows
+        for failure in entries[s]["_failures"]:
+            records[int(failure["index"])] = f"{failure['index']},{_csv(failure['source'])},,0,,{_csv(failure['reason'])}"
+    table_rows += [records[i] for i in sorted(records)]
+
+    if output_format == "npy":
+        _write_npy(folder / "embeddings.npy", (total, dim), np.float32, folder, entries, shards, "embeddings")
+        if frames:
+            _write_npy(folder / "timestamps.npy", (total,), np.float64, folder, entries, shards, "timestamps")
+    else:
+        _write_parquet(folder / "embeddings.parquet", dim, folder, entries, shards, frames)
+    atomic_write_text(folder / CLIPS_FILE, "\n".join(table_rows) + "\n")
+
+
+def _csv(text: str) -> str:
+    text = str(text)
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
+
+
+def _write_npy(path: Path, shape: tuple[int, ...], dtype: Any, folder: Path, entries: Mapping[int, Mapping[str, Any]],
+               shards: Sequence[int], key: str) -> None:
+    temporary = _temporary_path(path)
+    try:
+        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
+        row = 0
+        for s in shards:
+            values = _load_part(folder, entries[s])[key]
+            array[row : row + len(values)] = values
+            row += len(values)
+        array.flush()
+        del array
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_parquet(path: Path, dim: int, folder: Path, entries: Mapping[int, Mapping[str, Any]],
+                   shards: Sequence[int], frames: bool) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [("clip", pa.int64()), ("path", pa.string())]
+    if frames:
+        columns.append(("timestamp_ms", pa.float64()))
+    columns.append(("embedding", pa.list_(pa.float32(), dim)))
+    schema = pa.schema(columns)
+    temporary = _temporary_path(path)
+    try:
+        with pq.ParquetWriter(temporary, schema) as writer:
+            for s in shards:
+                arrays = _load_part(folder, entries[s])
+                rows = arrays["rows"]
+                data = {
+                    "clip": np.repeat(arrays["clips"], rows),
+                    "path": np.repeat(np.asarray(entries[s]["_sources"], dtype=object), rows),
+                }
+                if frames:
+                    data["timestamp_ms"] = arrays["timestamps"]
+                flat = pa.array(arrays["embeddings"].reshape(-1), type=pa.float32())
+                data["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+                writer.write_table(pa.table(data, schema=schema))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _read_output_index(folder: Path) -> dict[str, Any] | None:
+    path = folder / OUTPUT_INDEX
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'{path}' is not valid JSON ({err}); pass --overwrite to start this output over.") from err
+    if index.get("format") != OUTPUT_FORMAT:
+        raise ValueError(f"'{path}' was not written by `cat-hf embed --model`; use another --output-dir.")
+    return index
+
+
+def _check_same_run(folder: Path, existing: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    for key in ("version", "model", "kind", "output_format", "options", "embedding_dim", "sampling_rate",
+                "time_grid", "corpus", "shard_size"):
+        old, new = existing.get(key), settings[key]
+        if key in ("corpus", "model"):  # the same clips / weights, wherever they are now
+            old, new = (old or {}).get("fingerprint"), new["fingerprint"]
+        if old != new:
+            raise ValueError(
+                f"'{folder}' already holds embeddings with a different {key} ({old!r}, this run: {new!r}); use "
+                "another --output-dir, repeat the original command to resume it, or pass --overwrite to start over."
+            )
+
+
+def _write_output_index(folder: Path, settings: Mapping[str, Any], entries: Mapping[int, Mapping[str, Any]],
+                        complete: bool) -> None:
+    shards = [{k: v for k, v in entries[s].items() if not k.startswith("_")} for s in sorted(entries)]
+    failed = [f for s in sorted(entries) for f in entries[s]["_failures"]]
+    index = {
+        **settings,
+        "complete": complete,
+        "files": (["embeddings.npy"] + (["timestamps.npy"] if settings["kind"] == "frames" else [])
+                  if settings["output_format"] == "npy" else ["embeddings.parquet"]) + [CLIPS_FILE],
+        "num_embeddings": sum(e["num_embeddings"] for e in entries.values()),
+        "num_rows": sum(e["num_rows"] for e in entries.values()),
+        "num_failed": len(failed),
+        "failed": failed,
+        "shards": [] if complete else shards,
+    }
+    atomic_write_json(folder / OUTPUT_INDEX, index)
+
+
+def _report_of(folder: Path, index: Mapping[str, Any], *, computed: int, reused: int, start_time: float) -> EmbedReport:
+    return EmbedReport(
+        output_dir=str(folder), num_examples=int(index["corpus"]["num_examples"]),
+        num_embeddings=int(index["num_embeddings"]), num_shards=int(index["num_shards"]), shards_computed=computed,
+        shards_reused=reused, failed=list(index["failed"]), seconds=time.monotonic() - start_time,
+        index_file=OUTPUT_INDEX,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------
@@ -607,24 +785,45 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("corpus", help="audio corpus: a folder, a path,tags CSV/JSONL, a Hub dataset or a saved dataset")
-    parser.add_argument(
-        "--encoder", required=True,
-        help="external encoder spec: hf:<model name or folder>[?pooling=...&layer=N], "
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--model", help="CAT model folder: write its clip (or --frames) embeddings of every clip to --output-dir",
+    )
+    source.add_argument(
+        "--encoder",
+        help="external encoder spec, to cache RR targets: hf:<model name or folder>[?pooling=...&layer=N], "
              "python:<module or file.py>:<function>?embedding_dim=D[&sampling_rate=SR]",
     )
-    parser.add_argument("--output-dir", required=True, help="cache folder (created; an existing one is resumed)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per encoder call (default %(default)s)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="examples per shard file (default %(default)s)")
-    parser.add_argument(
-        "--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
-        help="use the first N seconds of each clip; 0 = whole clips (default %(default)s)",
-    )
+    parser.add_argument("--output-dir", required=True, help="output folder (created; an unfinished one is resumed)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"clips per call (default {DEFAULT_MODEL_BATCH_SIZE} with --model, {DEFAULT_BATCH_SIZE} "
+                             "with --encoder)")
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help=f"clips per part / shard file, the unit of resuming (default {DEFAULT_MODEL_SHARD_SIZE} "
+                             f"with --model, {DEFAULT_SHARD_SIZE} with --encoder)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default %(default)s)")
     parser.add_argument("--num-workers", type=int, default=0, help="audio decoding worker processes (default %(default)s)")
     parser.add_argument("--split", default="train", help="split of a Hub / saved dataset (default %(default)s)")
     parser.add_argument("--audio-column", default=None, help="name of the audio column when it is not detected")
-    parser.add_argument("--overwrite", action="store_true", help="discard an existing cache in --output-dir")
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing output in --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model = parser.add_argument_group("with --model (CAT embeddings; whole clips of any length)")
+    model.add_argument("--frames", action="store_true", help="frame embeddings with timestamps instead of one per clip")
+    model.add_argument("--format", choices=OUTPUT_FORMATS, default="npy",
+                       help="embeddings.npy (+ timestamps.npy) or embeddings.parquet (default %(default)s)")
+    model.add_argument("--hop-ms", type=float, default=None,
+                       help="hop of frame embeddings: 160 (one patch, default), 80, 40, 20 or 10 ms")
+    model.add_argument("--layer", type=int, nargs="+", default=None,
+                       help="hidden state(s) to use, averaged: 0 = input of the first block, -1 = last (default)")
+    model.add_argument("--frequency", choices=("mean", "concat"), default="mean",
+                       help="average or concatenate the frequency tokens of a patch (default %(default)s)")
+    model.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                       help="clip embedding: CLS token or mean of the patch tokens (default: the model config's)")
+    rr = parser.add_argument_group("with --encoder (RR target cache)")
+    rr.add_argument(
+        "--max-seconds", type=float, default=None,
+        help=f"use the first N seconds of each clip; 0 = whole clips (default {DEFAULT_MAX_SECONDS:g})",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -634,11 +833,32 @@ def run_cli(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = embed_corpus(
-            args.corpus, args.encoder, args.output_dir, batch_size=args.batch_size, shard_size=args.shard_size,
-            max_seconds=args.max_seconds, device=device, num_workers=args.num_workers, split=args.split,
-            audio_column=args.audio_column, overwrite=args.overwrite, progress=not args.no_progress,
-        )
+        if args.model is not None:
+            if args.max_seconds is not None:
+                raise ValueError("--max-seconds is for --encoder caches; --model embeds whole clips of any length.")
+            layer = args.layer[0] if args.layer and len(args.layer) == 1 else args.layer
+            report = embed_audio(
+                args.corpus, args.model, args.output_dir, frames=args.frames, output_format=args.format,
+                batch_size=args.batch_size or DEFAULT_MODEL_BATCH_SIZE,
+                shard_size=args.shard_size or DEFAULT_MODEL_SHARD_SIZE, device=device, num_workers=args.num_workers,
+                split=args.split, audio_column=args.audio_column, overwrite=args.overwrite,
+                progress=not args.no_progress, hop_ms=args.hop_ms, layer=layer, frequency=args.frequency,
+                pooling=args.pooling,
+            )
+        else:
+            model_only = [flag for flag, value in (("--frames", args.frames), ("--hop-ms", args.hop_ms),
+                                                   ("--layer", args.layer), ("--pooling", args.pooling),
+                                                   ("--format", args.format != "npy" or None),
+                                                   ("--frequency", args.frequency != "mean" or None)) if value]
+            if model_only:
+                raise ValueError(f"{', '.join(model_only)} apply to --model embeddings, not to --encoder caches.")
+            report = embed_corpus(
+                args.corpus, args.encoder, args.output_dir, batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+                shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+                max_seconds=DEFAULT_MAX_SECONDS if args.max_seconds is None else args.max_seconds, device=device,
+                num_workers=args.num_workers, split=args.split, audio_column=args.audio_column,
+                overwrite=args.overwrite, progress=not args.no_progress,
+            )
     except ValueError as err:
         print(f"cat-hf embed: error: {err}", file=sys.stderr)
         return 2
@@ -652,11 +872,13 @@ def run_cli(args: argparse.Namespace) -> int:
 __all__ = [
     "CACHE_FORMAT",
     "INDEX_FILE",
+    "OUTPUT_INDEX",
     "EmbedReport",
     "EmbeddingCache",
     "EmbeddingCacheError",
     "add_cli_arguments",
     "corpus_fingerprint",
+    "embed_audio",
     "embed_corpus",
     "run_cli",
 ]

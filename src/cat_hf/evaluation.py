@@ -9,7 +9,9 @@ Every label of the evaluation set is checked against the model's `label2id` befo
 mismatched set fails in seconds with the offending rows listed, not after an hour of inference.
 
 Outputs (in `output_dir`): `eval_results.json` (read by the model-card code), `per_class_scores.csv`,
-`predictions.csv`, and `confusion_matrix.png` for single-label models.
+`predictions.csv`, and `confusion_matrix.png` for single-label models. `eval_results.json` keeps one result per
+(dataset, split): evaluating the same folder on other data adds a result (the file becomes a list) whose files carry
+the data's name, and only a result on the same dataset and split is replaced.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .audio import AudioDecodeError, load_audio
-from .files import atomic_write_bytes, json_safe
+from .files import atomic_write_bytes, folder_lock, json_safe
 from .inference import (
     add_window_arguments,
     MULTI_LABEL_PROBLEM_TYPE,
@@ -168,6 +171,7 @@ def evaluate_model(
     top_k: int = 5,
     device: str | None = None,
     dataset_name: str | None = None,
+    baseline: Any = None,
 ) -> dict[str, Any]:
     """Score a classifier on a labelled set; returns the `eval_results.json` content (plus per-class scores).
 
@@ -179,6 +183,10 @@ def evaluate_model(
         window_frames, hop_frames, aggregation: sliding-window settings for clips longer than a window
             (see `cat_hf.inference`).
         top_k: the k of the top-k accuracy reported next to top-1 (single-label models with more than k classes).
+        baseline: a labelled training corpus (any source `load_eval_set` reads, its "train" split) on which a logistic
+            regression on the clips' log-mel statistics (`cat_hf.probe.log_mel_baseline`) is fitted and scored on
+            the same clips as the model, under "baseline"; `RECORDED_TRAINING_DATA` takes the training data the
+            model folder's training_summary.json records.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
         model, loaded_extractor = load_classifier(model_or_path, device)
@@ -266,11 +274,59 @@ def evaluate_model(
         },
         "per_class": _per_class_rows(computed, id2label, multi_label),
     }
+    if baseline is not None:
+        results["baseline"] = _fit_baseline(baseline, model_or_path, eval_set, scored, targets, label2id, multi_label,
+                                            feature_extractor)
     if output_dir is not None:
         results["files"] = _write_outputs(
             Path(output_dir), results, computed, eval_set, targets, scores, scored, num_windows, id2label, multi_label
         )
     return results
+
+
+#: `evaluate_model(baseline=RECORDED_TRAINING_DATA)`: the training corpus named in the model's training_summary.json.
+RECORDED_TRAINING_DATA = "recorded"
+
+
+def recorded_training_data(model_path: Any) -> tuple[Any, str]:
+    """(corpus, split) a cat-hf model folder was finetuned on, from its training_summary.json."""
+    summary_path = Path(model_path) / "training_summary.json" if isinstance(model_path, (str, os.PathLike)) else None
+    config = json.loads(summary_path.read_text(encoding="utf-8")).get("config", {}) \
+        if summary_path is not None and summary_path.is_file() else {}
+    if not config.get("data"):
+        raise ValueError(
+            f"{model_path} records no training data (no training_summary.json from cat-hf finetune); name the corpus "
+            "to fit the baseline on: --baseline TRAIN_DATA."
+        )
+    return config["data"], config.get("train_split") or "train"
+
+
+def _fit_baseline(source: Any, model_path: Any, eval_set: EvalSet, scored: np.ndarray, targets: np.ndarray,
+                  label2id: dict[str, int], multi_label: bool, feature_extractor: Any) -> dict[str, Any]:
+    """The log-mel-statistics logistic regression, fitted on `source` and scored on the clips the model scored."""
+    from .probe import log_mel_baseline
+
+    data, split = recorded_training_data(model_path) if source == RECORDED_TRAINING_DATA else (source, "train")
+    train_set = load_eval_set(data, split)
+    train_targets = encode_targets(train_set.examples, label2id, multi_label)
+    rate = int(feature_extractor.sampling_rate)
+
+    def decoded(examples: Sequence[EvalExample], wanted: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        waves, kept = [], []
+        for index, example in enumerate(examples):
+            if wanted[index]:
+                try:
+                    waves.append(load_audio(example.audio, rate))
+                    kept.append(index)
+                except AudioDecodeError:
+                    continue
+        return waves, np.asarray(kept, dtype=np.int64)
+
+    train_waves, train_kept = decoded(train_set.examples, np.ones(len(train_set.examples), dtype=bool))
+    eval_waves, eval_kept = decoded(eval_set.examples, scored)
+    result = log_mel_baseline((train_waves, train_targets[train_kept]), (eval_waves, targets[eval_kept]),
+                              multi_label=multi_label, num_classes=len(label2id), feature_extractor=feature_extractor)
+    return {**result, "train_data": str(data), "train_split": split}
 
 
 def _per_class_rows(computed: dict, id2label: dict[int, str], multi_label: bool) -> list[dict[str, Any]]:
@@ -311,10 +367,44 @@ def _write_outputs(
     id2label: dict[int, str],
     multi_label: bool,
 ) -> dict[str, str]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(output_dir):  # evaluations run side by side into one folder each keep their result
+        return _write_result_files(output_dir, results, computed, eval_set, targets, scores, scored, num_windows,
+                                   id2label, multi_label)
+
+
+def _write_result_files(
+    output_dir: Path,
+    results: dict[str, Any],
+    computed: dict,
+    eval_set: EvalSet,
+    targets: np.ndarray,
+    scores: np.ndarray,
+    scored: np.ndarray,
+    num_windows: np.ndarray,
+    id2label: dict[int, str],
+    multi_label: bool,
+) -> dict[str, str]:
+    # eval_results.json keeps one result per (dataset, split): a new one is added beside the others, and replaces
+    # only an earlier result of the same data. The first result's files have the plain names, the others' files
+    # carry their data's name (per_class_scores.<dataset>-<split>.csv, ...); each result lists its own files.
+    earlier = _earlier_results(output_dir / EVAL_RESULTS_FILE)
+    key = (results["dataset"], results["split"])
+    others = [entry for entry in earlier if (entry.get("dataset"), entry.get("split")) != key]
+    if len(others) < len(earlier):
+        logger.info("%s: replacing the earlier result on %s (split %s)", output_dir / EVAL_RESULTS_FILE, *key)
+    taken = {name for entry in others if isinstance(entry.get("files"), dict) for name in entry["files"].values()}
+    suffix = "" if PER_CLASS_FILE not in taken else "." + "-".join(
+        re.sub(r"[^A-Za-z0-9_.]+", "-", str(part)).strip("-.") or "data" for part in key)
+
+    def named(file_name: str) -> Path:
+        stem, dot, extension = file_name.rpartition(".")
+        return output_dir / (f"{stem}{suffix}{dot}{extension}" if suffix else file_name)
+
     files = {
         "eval_results": output_dir / EVAL_RESULTS_FILE,
-        "per_class": output_dir / PER_CLASS_FILE,
-        "predictions": output_dir / PREDICTIONS_FILE,
+        "per_class": named(PER_CLASS_FILE),
+        "predictions": named(PREDICTIONS_FILE),
     }
     per_class = results["per_class"]
     header = list(per_class[0])
@@ -339,18 +429,39 @@ def _write_outputs(
     atomic_write_bytes(files["predictions"], _csv_bytes(header, rows))
 
     if not multi_label:
-        files["confusion_matrix"] = output_dir / CONFUSION_MATRIX_FILE
+        files["confusion_matrix"] = named(CONFUSION_MATRIX_FILE)
         atomic_write_bytes(
             files["confusion_matrix"],
             confusion_matrix_png(np.asarray(computed["confusion_matrix"]), [id2label[c] for c in range(len(id2label))],
                                  title=f"{Path(results['model']).name} on {results['dataset']} ({results['split']}): "
                                        f"accuracy {results['metrics']['accuracy']:.3f}"),
         )  # fmt: skip
-    paths = {key: str(path) for key, path in files.items()}
+    paths = {kind: str(path) for kind, path in files.items()}
     document = {k: v for k, v in results.items() if k != "per_class"}
-    document["files"] = {key: Path(path).name for key, path in paths.items()}
-    atomic_write_bytes(files["eval_results"], (json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n").encode())
+    document["files"] = {kind: Path(path).name for kind, path in paths.items()}
+    kept = [*others, document]
+    payload = kept[0] if len(kept) == 1 else kept  # one result: the object itself, as before
+    atomic_write_bytes(files["eval_results"], (json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n").encode())
     return paths
+
+
+def _earlier_results(path: Path) -> list[dict[str, Any]]:
+    """The results an existing eval_results.json holds (an object or a list of them); refuses a file that is not
+    one, rather than replacing what it cannot read."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} exists but is not readable JSON ({error}); evaluation results are added to that file, so move "
+            "it away or pass another --output-dir."
+        ) from None
+    entries = data if isinstance(data, list) else [data]
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(f"{path} holds neither an object nor a list of objects; move it away or pass another "
+                         "--output-dir.")
+    return entries
 
 
 def confusion_matrix_png(confusion: np.ndarray, labels: Sequence[str], title: str = "") -> bytes:
@@ -407,6 +518,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dataset-name", default=None, help="name recorded in eval_results.json (default: from DATA)")
     parser.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (single-label; default 5)")
+    parser.add_argument("--baseline", nargs="?", const=RECORDED_TRAINING_DATA, default=None, metavar="TRAIN_DATA",
+                        help="also fit a logistic regression on log-mel statistics on TRAIN_DATA (default: the "
+                             "training data the model folder records) and score it on the same clips")
     add_window_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")  # fmt: skip
 
@@ -436,6 +550,7 @@ def run_cli(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             device=args.device,
             dataset_name=args.dataset_name,
+            baseline=args.baseline,
         )
     except UnknownLabelError as err:
         print(f"cat-hf evaluate: {err}", file=sys.stderr)
@@ -465,6 +580,12 @@ def run_cli(args: argparse.Namespace) -> int:
         if f"top_{args.top_k}_accuracy" not in metrics:
             print(f"top-{args.top_k} accuracy: n/a (the model has only {results['num_classes']} classes)")
         print(f"macro F1:       {_format(metrics['macro_f1'])}")
+    if "baseline" in results:
+        base = results["baseline"]
+        model_score = metrics["mAP"] if base["metric"] == "mAP" else metrics["accuracy"]
+        print(f"baseline: log-mel statistics + logistic regression, fitted on {base['train_data']} "
+              f"({base['num_train']} clips): {base['metric']} {_format(base['score'])} (the model: "
+              f"{_format(model_score)})")
     for path in results["files"].values():
         print(f"wrote:    {path}")
     return 0

@@ -28,14 +28,15 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .embed import EmbeddingCache
+from .embedding_cache import EmbeddingCache
+from .teachers import TEACHERS, load_embedder, teacher_names
+
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +251,6 @@ class PrecomputedEmbeddings(ExternalEncoder):
 
     def __init__(self, column_or_cache: Any, *, dataset: Any = None, name: str | None = None) -> None:
         super().__init__()
-        from .embed import EmbeddingCache
-
         self._cache: EmbeddingCache | None = None
         self._table: Any = None
         self._rows: Any = None
@@ -678,18 +677,58 @@ class CallableEncoder(ExternalEncoder):
         return self.fn(clips)
 
 
+class StandardisedEmbeddings(ExternalEncoder):
+    """Precomputed embeddings shifted and scaled per dimension to mean 0 and standard deviation 1 over the corpus.
+
+    A teacher's raw embedding can be dominated by an offset shared by every clip (aisfx: 87 % of the energy) or have
+    a tiny scale (Resemblyzer's unit vectors: variance 0.0016 per dimension); standardised, every teacher and every
+    part of a concatenation of teachers weighs the same in an MSE, and the RR weight means the same for all.
+    """
+
+    requires_audio = False
+
+    def __init__(self, base: PrecomputedEmbeddings, rows: Sequence[int], batch_size: int = 4096):
+        super().__init__()
+        if base.requires_audio:
+            raise ValueError("StandardisedEmbeddings needs precomputed embeddings (rows looked up by index).")
+        rows = list(rows)
+        if len(rows) < 2:
+            raise ValueError("Standardising RR targets needs at least two embedded clips.")
+        total = torch.zeros(base.embedding_dim, dtype=torch.float64)
+        square = torch.zeros(base.embedding_dim, dtype=torch.float64)
+        for first in range(0, len(rows), batch_size):
+            chunk = base(indices=rows[first:first + batch_size]).double().cpu()
+            total += chunk.sum(0)
+            square += chunk.square().sum(0)
+        self.mean = (total / len(rows)).float()
+        self.std = (square / len(rows) - (total / len(rows)).square()).clamp_min(0).sqrt().float().clamp_min(1e-6)
+        self.base = base
+        self.name = f"{base.name} (standardised)"
+        self.embedding_dim = base.embedding_dim
+        self.sampling_rate = base.sampling_rate
+
+    def to(self, device: str | torch.device) -> StandardisedEmbeddings:
+        super().to(device)
+        self.base.to(device)
+        return self
+
+    def _lookup(self, indices: list[int]) -> torch.Tensor:
+        return (self.base(indices=indices).cpu() - self.mean) / self.std
+
+
 # ---------------------------------------------------------------------------------------------------------
 # specs
 # ---------------------------------------------------------------------------------------------------------
 
 _SPEC_HELP = (
-    "use 'hf:<hub name or folder>', 'cache:<folder written by cat-hf embed>', 'column:<dataset column>' or "
+    f"use a shipped teacher ({', '.join(sorted(TEACHERS))}, or several joined by '+'), "
+    "'hf:<hub name or folder>', 'cache:<folder written by cat-hf embed>', 'column:<dataset column>' or "
     "'python:<module or file.py>:<function, ExternalEncoder instance or class>' (options as '?key=value&...', "
     "e.g. 'hf:MODEL?pooling=mean&layer=6'), "
-    "or a dict with `type` set to one of hf/cache/column/python"
+    "or a dict with `type` set to one of teacher/hf/cache/column/python"
 )
 
-_SPEC_TYPES = ("hf", "cache", "column", "python")
+_SPEC_TYPES = ("teacher", "hf", "cache", "column", "python")
 
 
 def parse_encoder_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -699,6 +738,8 @@ def parse_encoder_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
         if out.get("type") not in _SPEC_TYPES:
             raise ValueError(f"Encoder spec {dict(spec)!r} has no valid `type`; {_SPEC_HELP}.")
         return out
+    if teacher_names(spec) is not None:
+        return {"type": "teacher", "name": spec}
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"Cannot read external encoder spec {spec!r}; {_SPEC_HELP}.")
     kind, _, rest = spec.partition(":")
@@ -710,7 +751,7 @@ def parse_encoder_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
         options[key] = _parse_option_value(value)
-    field = {"hf": "name_or_path", "cache": "path", "column": "column", "python": "target"}[kind]
+    field = {"teacher": "name", "hf": "name_or_path", "cache": "path", "column": "column", "python": "target"}[kind]
     return {"type": kind, field: target, **options}
 
 
@@ -789,15 +830,17 @@ def build_external_encoder(
         if extra:
             raise ValueError(f"Unknown option(s) {extra} for a '{kind}' encoder spec; allowed: {sorted(allowed)}.")
 
-    if kind == "hf":
+    if kind == "teacher":
+        unexpected(("name", "pretrained", "download"))
+        embedder = load_embedder(options.pop("name"), **options)
+        encoder = CallableEncoder(embedder, embedder.embedding_dim, embedder.sampling_rate, name=embedder.name)
+    elif kind == "hf":
         unexpected(("name_or_path", "pooling", "layer", "dtype", "trust_remote_code"))
         encoder: ExternalEncoder = TransformersAudioEncoder(
             options.pop("name_or_path"), device=device or "cpu", **options
         )
     elif kind == "cache":
         unexpected(("path", "name"))
-        from .embed import EmbeddingCache
-
         encoder = PrecomputedEmbeddings(EmbeddingCache(options["path"], corpus=dataset), name=options.get("name"))
     elif kind == "column":
         unexpected(("column",))
@@ -842,6 +885,7 @@ __all__ = [
     "EmbeddingDimMismatchError",
     "ExternalEncoder",
     "PrecomputedEmbeddings",
+    "StandardisedEmbeddings",
     "TransformersAudioEncoder",
     "build_external_encoder",
     "parse_encoder_spec",

@@ -1,147 +1,95 @@
 # Copyright 2025 The cat-hf developers. Licensed under the Apache License, Version 2.0.
 """Feature extractor for CAT (Convolutional Audio Transformer).
 
-Turns waveforms into the model input of the original CAT data pipeline: subtract the clip's mean, compute the
-Kaldi log-mel filter bank (``torchaudio.compliance.kaldi.fbank`` with ``htk_compat=True``, Hann window, 128 mel
-bins, 25 ms frames, 10 ms shift, dither 0), zero-pad or truncate to ``max_length`` frames, then normalise as
-``(x - mean) / (2 * std)``.
-
-Unlike a per-clip implementation, a whole batch is processed at once, in PyTorch on CPU or GPU: cache-sized chunks
-of frames are read straight from the clips, then go through a few fused in-place ops, one batched ``rfft`` and
-banded mel matmuls (on CPU, 64 ten-second clips take 36-73 ms on 2 cores, 21-34x less than transformers' numpy
-AST extractor, median ~27x; see benchmarks/bench_feature_extraction.py).
-
-This file is deliberately self-contained (stdlib, numpy, torch and transformers only; soxr and torchaudio are
-imported lazily) so that it can be shipped as Hugging Face remote code next to a checkpoint.
+Waveforms -> the model input of the original CAT pipeline: subtract the clip's mean, Kaldi log-mel filter bank
+(``torchaudio.compliance.kaldi.fbank``, ``htk_compat=True``, Hann window, 128 bins, 25 ms frames, 10 ms shift,
+dither 0), zero-pad or truncate to ``max_length`` frames, normalise as ``(x - mean) / (2 * std)``. A whole batch is
+computed at once, in float32 PyTorch on CPU or GPU, in cache-sized chunks of frames; its speed beside transformers'
+ASTFeatureExtractor and torchaudio's kaldi.fbank is printed by benchmarks/bench_feature_extraction.py.
+Self-contained (numpy, torch, transformers; soxr and torchaudio imported lazily): it ships as remote code.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
-import os
-import tempfile
-import threading
+import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import BatchFeature, SequenceFeatureExtractor
-from transformers.utils import TensorType, logging
+from transformers.utils import TensorType, cached_file, logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = [
-    "FEATURE_PRESETS",
-    "CATFeatureExtractor",
-    "downmix_to_mono",
-    "frames_row_length",
-    "kaldi_fbank_batch",
-    "resample_audio",
-]
+__all__ = ["FEATURE_PRESETS", "CATFeatureExtractor", "downmix_to_mono", "kaldi_fbank_batch", "resample_audio"]
 
-#: Normalisation statistics and input lengths of the original CAT recipes (the single source of truth).
-#: ``max_length`` is the target length in 10 ms frames; ``mean``/``std`` are the dataset's log-mel statistics.
+#: Length (10 ms frames) and log-mel statistics of the original CAT recipes (the single source of truth).
 FEATURE_PRESETS: dict[str, dict[str, float | int]] = {
     "audioset": {"max_length": 1024, "mean": -4.268, "std": 4.569},
     "esc50": {"max_length": 512, "mean": -6.627, "std": 5.359},
     "speechcommands": {"max_length": 128, "mean": -6.846, "std": 5.565},
 }
-
-#: Frames per time patch of the model: inputs padded with ``padding="longest"`` are rounded up to a multiple of it.
-PATCH_FRAMES = 16
-
-#: Frames per CPU chunk: one 10 s clip (998 frames), whose ~7 MB of intermediates stay in the shared CPU cache.
-#: Measured on a 2-core AMD EPYC (64 ten-second clips): 512 is 1.06-1.16x slower, 2048 1.1-1.5x, 256 1.25-1.4x.
-DEFAULT_CHUNK_FRAMES = 1024
-
-#: Largest CPU chunk whose work buffers (~7 KB per frame) are kept for the next call of the same thread.
-_MAX_KEPT_CHUNK_FRAMES = 4096
-
-#: Frames per step on GPUs, where bigger is faster and only memory bounds it (~0.5 GB of intermediates).
-_ACCELERATOR_CHUNK_FRAMES = 1 << 16
-
-#: Kaldi's floor for the mel energies before the log (``std::numeric_limits<float>::epsilon()``).
-_LOG_FLOOR = float(torch.finfo(torch.float32).eps)
-
-#: More channels than this in a 2-D clip suggests a batch passed as one array: it is still downmixed, with a warning.
-_MAX_EXPECTED_CHANNELS = 8
-
+PATCH_FRAMES = 16  #: frames per time patch: ``padding="longest"`` rounds up to a multiple of it
+DEFAULT_CHUNK_FRAMES = 1024  #: frames per CPU chunk, whose intermediates stay in the cache (benchmark: --chunk-frames)
+_ACCELERATOR_CHUNK_FRAMES = 1 << 16  #: on GPUs bigger chunks are faster; ~0.5 GB of intermediates
+_LOG_FLOOR = float(torch.finfo(torch.float32).eps)  #: Kaldi's floor for the mel energies before the log
+_MAX_CHANNELS = 8  #: a 2-D array with at most this many rows (or columns) may be one multi-channel clip
 _PADDING_STRATEGIES = ("max_length", "longest")
 _RESAMPLE_BACKENDS = ("soxr", "torchaudio")
+_CHANNEL_LAYOUTS = (None, "mono", "first", "last")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Waveform helpers (importable by other modules)
-# ----------------------------------------------------------------------------------------------------------------
+# -- waveform helpers (importable by other modules) -------------------------------------------------------------------
 
 
 def _as_float32_samples(array: Any, what: str = "audio") -> np.ndarray:
-    """Returns `array` as a float32 numpy array; PCM integers are scaled to [-1, 1)."""
+    """`array` as a float32 numpy array; int16/int32 PCM is scaled to [-1, 1)."""
     if isinstance(array, torch.Tensor):
         tensor = array.detach().cpu()
-        if tensor.dtype in (torch.float16, torch.bfloat16):
-            tensor = tensor.float()
-        array = tensor.numpy()
+        array = (tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor).numpy()
     elif isinstance(array, (list, tuple)):
         try:
             array = np.asarray(array)
         except ValueError as err:  # ragged nested lists
-            raise ValueError(
-                f"{what} is a ragged nested list and cannot be read as samples; pass a 1-D array per clip "
-                "(a list of 1-D arrays for a batch)."
-            ) from err
+            raise ValueError(f"{what} is a ragged nested list; pass a 1-D array per clip.") from err
     elif not isinstance(array, np.ndarray):
-        raise ValueError(
-            f"{what} has unsupported type {type(array).__name__}; pass a numpy array, a torch tensor or a list of "
-            "floats (decode files first, e.g. with soundfile.read)."
-        )
-
-    dtype = array.dtype
-    if dtype == np.float32:
+        raise ValueError(f"{what} has unsupported type {type(array).__name__}; pass a numpy array, a torch tensor "
+                         "or a list of floats (decode files first, e.g. with soundfile.read).")  # fmt: skip
+    if array.dtype == np.float32:
         return array
-    if np.issubdtype(dtype, np.floating):
+    if np.issubdtype(array.dtype, np.floating):
         return array.astype(np.float32)
-    if dtype == np.int16:
-        return array.astype(np.float32) * np.float32(1.0 / 32768.0)
-    if dtype == np.int32:
-        return (array.astype(np.float64) * (1.0 / 2147483648.0)).astype(np.float32)
-    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-        raise ValueError(
-            f"{what} has integer dtype {dtype}, which is ambiguous (only int16 and int32 PCM are scaled "
-            "automatically); pass float samples in [-1, 1] or int16 PCM."
-        )
-    raise ValueError(f"{what} has unsupported dtype {dtype}; pass real float samples in [-1, 1] or int16 PCM.")
+    if array.dtype in (np.int16, np.int32):  # exact: a power-of-two scale
+        return (array.astype(np.float64) / -np.iinfo(array.dtype).min).astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        raise ValueError(f"{what} has integer dtype {array.dtype}, which is ambiguous (only int16 and int32 PCM are "
+                         "scaled); pass float samples in [-1, 1] or int16 PCM.")  # fmt: skip
+    raise ValueError(f"{what} has unsupported dtype {array.dtype}; pass real float samples in [-1, 1] or int16 PCM.")
 
 
-def downmix_to_mono(array: Any) -> np.ndarray:
-    """Returns a float32 1-D mono waveform.
-
-    Accepts a 1-D array or a 2-D multi-channel array (numpy or torch; float, or int16/int32 PCM which is scaled
-    to [-1, 1)). The channel axis of a 2-D array is its *smaller* axis, so both ``(channels, samples)`` (torch
-    convention) and ``(samples, channels)`` (soundfile convention) work; channels are averaged.
-    """
+def downmix_to_mono(array: Any, channel_axis: int | None = None) -> np.ndarray:
+    """A float32 1-D waveform: a 1-D array as it is, a 2-D array averaged over its `channel_axis` (0 for torch's
+    ``(channels, samples)``, 1 for soundfile's ``(samples, channels)``, `None` for the smaller axis)."""
     samples = _as_float32_samples(array)
     if samples.ndim == 1:
         return samples
-    if samples.ndim == 2:
+    if samples.ndim != 2:
+        raise ValueError(f"audio has {samples.ndim} dimensions (shape {tuple(samples.shape)}); pass a 1-D or a 2-D "
+                         "multi-channel array per clip.")  # fmt: skip
+    if channel_axis is None:
         channel_axis = 0 if samples.shape[0] <= samples.shape[1] else 1
-        return samples.mean(axis=channel_axis, dtype=np.float32)
-    raise ValueError(
-        f"audio has {samples.ndim} dimensions (shape {tuple(samples.shape)}); pass a 1-D mono waveform or a 2-D "
-        "(channels, samples) array per clip, and a list of such arrays for a batch."
-    )
+    return samples.mean(axis=channel_axis, dtype=np.float32)
 
 
 def resample_audio(array: Any, orig_sr: float, target_sr: float, backend: str = "soxr") -> np.ndarray:
-    """Resamples a 1-D waveform (or 2-D multi-channel array, time = larger axis) from `orig_sr` to `target_sr`.
-
-    ``backend="soxr"`` (default, high quality, no torch needed) or ``"torchaudio"`` (its windowed-sinc
-    ``functional.resample``; raises ImportError when torchaudio is not importable). Returns float32 numpy.
-    """
+    """A 1-D waveform (or 2-D multi-channel array, time = larger axis) from `orig_sr` to `target_sr`, as float32.
+    ``backend="soxr"`` (default) or ``"torchaudio"`` (``functional.resample``; ImportError if not importable)."""
     if backend not in _RESAMPLE_BACKENDS:
         raise ValueError(f"resample backend {backend!r} is unknown; use one of {_RESAMPLE_BACKENDS}.")
     for name, rate in (("orig_sr", orig_sr), ("target_sr", target_sr)):
@@ -149,42 +97,31 @@ def resample_audio(array: Any, orig_sr: float, target_sr: float, backend: str = 
             raise ValueError(f"{name} must be a positive number of samples per second, got {rate!r}.")
     samples = _as_float32_samples(array)
     if samples.ndim not in (1, 2):
-        raise ValueError(
-            f"cannot resample an array with {samples.ndim} dimensions; pass a 1-D waveform or a 2-D multi-channel "
-            "array."
-        )
+        raise ValueError(f"cannot resample an array with {samples.ndim} dimensions; pass a 1-D or 2-D array.")
     if orig_sr == target_sr:
         return samples
-    # Time runs along the larger axis (same rule as downmix_to_mono); both backends get it in their own layout.
-    time_first = samples.ndim == 1 or samples.shape[0] >= samples.shape[1]
+    time_last = samples.ndim == 2 and samples.shape[0] < samples.shape[1]  # soxr wants time first, torchaudio last
     if backend == "soxr":
         try:
             import soxr
         except ImportError as err:
             raise ImportError("resampling needs the soxr package: pip install soxr") from err
-        data = samples if time_first else samples.T
-        out = soxr.resample(np.ascontiguousarray(data), float(orig_sr), float(target_sr))
-        out = np.asarray(out, dtype=np.float32)
-        return out if time_first else np.ascontiguousarray(out.T)
+        out = soxr.resample(np.ascontiguousarray(samples.T if time_last else samples), float(orig_sr), float(target_sr))
+        return np.ascontiguousarray(out.T if time_last else out, dtype=np.float32)
     try:
         import torchaudio.functional as ta_functional
     except Exception as err:  # ImportError, or an OSError/RuntimeError from a torchaudio that does not match torch
-        raise ImportError(
-            "resample backend 'torchaudio' was asked for but torchaudio cannot be imported; install a torchaudio "
-            "matching your torch, or use backend='soxr'."
-        ) from err
-    if float(orig_sr).is_integer() and float(target_sr).is_integer():
-        orig, target = int(orig_sr), int(target_sr)
-    else:
+        raise ImportError("resample backend 'torchaudio' was asked for but torchaudio cannot be imported; install a "
+                          "torchaudio matching your torch, or use backend='soxr'.") from err  # fmt: skip
+    if not (float(orig_sr).is_integer() and float(target_sr).is_integer()):
         raise ValueError("the torchaudio backend needs integer sampling rates; use backend='soxr'.")
-    data = torch.from_numpy(np.ascontiguousarray(samples if samples.ndim == 1 or not time_first else samples.T))
-    out = ta_functional.resample(data, orig, target).numpy().astype(np.float32, copy=False)
-    return out if samples.ndim == 1 or not time_first else np.ascontiguousarray(out.T)
+    swap = samples.ndim == 2 and not time_last
+    out = ta_functional.resample(torch.from_numpy(np.ascontiguousarray(samples.T if swap else samples)),
+                                 int(orig_sr), int(target_sr)).numpy()  # fmt: skip
+    return np.ascontiguousarray(out.T if swap else out, dtype=np.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Batched Kaldi filter bank
-# ----------------------------------------------------------------------------------------------------------------
+# -- batched Kaldi filter bank ----------------------------------------------------------------------------------------
 
 
 def _mel_scale(freq: Any) -> Any:
@@ -197,552 +134,239 @@ def _mel_scale(freq: Any) -> Any:
 
 
 @lru_cache(maxsize=8)
-def _kaldi_mel_banks(
-    num_mel_bins: int, n_fft: int, sample_rate: float, low_freq: float, high_freq: float
-) -> torch.Tensor:
-    """Kaldi triangular mel filters, (n_fft // 2 + 1, num_mel_bins) float32 on CPU (Nyquist row is zero).
-
-    Built in float32 with the same operation order as torchaudio's ``get_mel_banks``: the weights are differences
-    of mel values near 2000 divided by ~20 mel, so float32 rounding of the mel values is visible in the features.
-    """
+def _kaldi_mel_banks(num_mel_bins: int, n_fft: int, sample_rate: float, low_freq: float,
+                     high_freq: float) -> torch.Tensor:  # fmt: skip
+    """Kaldi's triangular mel filters, (n_fft // 2 + 1, num_mel_bins) float32 (Nyquist row zero), in the float32
+    operation order of torchaudio's ``get_mel_banks``: the weights are differences of mel values near 2000 divided by
+    ~20 mel, so float32 rounding of the mel values is visible in the features."""
     nyquist = 0.5 * sample_rate
     if high_freq <= 0.0:
         high_freq += nyquist
     if not (0.0 <= low_freq < nyquist and 0.0 < high_freq <= nyquist and low_freq < high_freq):
-        raise ValueError(
-            f"mel range low_freq={low_freq} / high_freq={high_freq} is invalid for Nyquist {nyquist}; "
-            "use 0 <= low_freq < high_freq <= sampling_rate / 2 (high_freq <= 0 counts back from Nyquist)."
-        )
+        raise ValueError(f"mel range low_freq={low_freq} / high_freq={high_freq} is invalid for Nyquist {nyquist}; use "
+                         "0 <= low_freq < high_freq <= sampling_rate / 2 (high_freq <= 0 counts back from Nyquist).")
     mel_low = _mel_scale(low_freq)
     mel_delta = (_mel_scale(high_freq) - mel_low) / (num_mel_bins + 1)
     index = torch.arange(num_mel_bins, dtype=torch.float32).unsqueeze(1)
-    left = mel_low + index * mel_delta
-    center = mel_low + (index + 1.0) * mel_delta
-    right = mel_low + (index + 2.0) * mel_delta
+    left, center, right = (mel_low + (index + k) * mel_delta for k in (0.0, 1.0, 2.0))
     fft_mel = _mel_scale((sample_rate / n_fft) * torch.arange(n_fft // 2, dtype=torch.float32)).unsqueeze(0)
-    rising = (fft_mel - left) / (center - left)
-    falling = (right - fft_mel) / (right - center)
-    banks = torch.clamp(torch.minimum(rising, falling), min=0.0)  # (num_mel_bins, n_fft // 2)
-    banks = torch.nn.functional.pad(banks, (0, 1))  # Nyquist bin gets weight 0, as in Kaldi
-    return banks.t().contiguous()
+    banks = torch.minimum((fft_mel - left) / (center - left), (right - fft_mel) / (right - center)).clamp(min=0.0)
+    return torch.nn.functional.pad(banks, (0, 1)).t().contiguous()
 
 
 def _frame_geometry(sample_rate: float, frame_length_ms: float, frame_shift_ms: float) -> tuple[int, int, int]:
-    """(window, shift, n_fft) in samples, computed like Kaldi: truncated to integers, FFT size the next power of 2."""
-    window = int(sample_rate * frame_length_ms * 0.001)
-    shift = int(sample_rate * frame_shift_ms * 0.001)
+    """(window, shift, n_fft) in samples, as Kaldi computes them: truncated, FFT size the next power of 2."""
+    window, shift = int(sample_rate * frame_length_ms * 0.001), int(sample_rate * frame_shift_ms * 0.001)
     if window < 2 or shift < 1:
-        raise ValueError(
-            f"frame_length_ms={frame_length_ms} / frame_shift_ms={frame_shift_ms} give {window} / {shift} samples "
-            "per frame / hop; use the Kaldi defaults 25.0 / 10.0."
-        )
+        raise ValueError(f"frame_length_ms={frame_length_ms} / frame_shift_ms={frame_shift_ms} give {window} / {shift} "
+                         "samples per frame / hop; use the Kaldi defaults 25.0 / 10.0.")  # fmt: skip
     return window, shift, 1 << (window - 1).bit_length()
 
 
-MelBlock = tuple[int, int, int, int, torch.Tensor]
-
-
 @lru_cache(maxsize=8)
-def _mel_blocks(
-    num_mel_bins: int, n_fft: int, sample_rate: float, low_freq: float, high_freq: float
-) -> tuple[MelBlock, ...]:
-    """The mel filters as dense blocks ``(row_lo, row_hi, col_lo, col_hi, weights)`` of a banded matrix.
-
-    Rows are the squared ``(re, im)`` pairs of the spectrum (every filter row repeated), so that
-    ``power @ filters == (re**2 + im**2) @ filters`` is computed on the in-place squared ``view_as_real`` spectrum
-    without the slow complex ``abs``. Each filter covers a short range of FFT bins, so groups of 16 neighbouring
-    filters only need their own rows: eight small matmuls do 13 % of the work of one dense matmul.
-    """
-    banks = _kaldi_mel_banks(num_mel_bins, n_fft, sample_rate, low_freq, high_freq).repeat_interleave(2, dim=0)
+def _mel_blocks(*mel_options: Any) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """The mel filters as dense blocks ``(row_lo, row_hi, col_lo, col_hi, weights)`` of a banded matrix: each group of
+    16 neighbouring filters covers a short range of FFT bins, so eight small matmuls do 13 % of a dense one's work."""
+    banks = _kaldi_mel_banks(*mel_options)
     blocks = []
-    for columns in torch.arange(num_mel_bins).split(16):
-        used_rows = banks[:, columns].ne(0).any(dim=1).nonzero().flatten()
-        row_lo, row_hi = (int(used_rows.min()), int(used_rows.max()) + 1) if used_rows.numel() else (0, 1)
-        col_lo, col_hi = int(columns[0]), int(columns[-1]) + 1
-        blocks.append((row_lo, row_hi, col_lo, col_hi, banks[row_lo:row_hi, col_lo:col_hi].contiguous()))
+    for columns in torch.arange(banks.shape[1]).split(16):
+        used = banks[:, columns].ne(0).any(dim=1).nonzero().flatten()
+        r0, r1 = (int(used.min()), int(used.max()) + 1) if used.numel() else (0, 1)
+        c0, c1 = int(columns[0]), int(columns[-1]) + 1
+        blocks.append((r0, r1, c0, c1, banks[r0:r1, c0:c1].contiguous()))
     return tuple(blocks)
 
 
-_DEVICE_BLOCKS: dict[tuple[Any, ...], tuple[MelBlock, ...]] = {}
-
-
-def _mel_blocks_on(device: torch.device, *key: Any) -> tuple[MelBlock, ...]:
-    """The filter blocks on `device`, cached so that GPU calls do not upload them every time."""
-    cache_key = (str(device), *key)
-    if cache_key not in _DEVICE_BLOCKS:
-        _DEVICE_BLOCKS[cache_key] = tuple((*block[:4], block[4].to(device)) for block in _mel_blocks(*key))
-    return _DEVICE_BLOCKS[cache_key]
-
-
-_DEVICE_WINDOWS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _hann_window_on(device: torch.device, window: int) -> torch.Tensor:
-    """Kaldi's symmetric Hann window on `device`, cached. Its first sample is exactly 0 (the kernel relies on it)."""
-    key = (str(device), window)
-    if key not in _DEVICE_WINDOWS:
-        hann = torch.hann_window(window, periodic=False, dtype=torch.float32)
-        if hann[0] != 0.0:  # 0.5 - 0.5 * cos(0); cannot happen, but the kernel would silently be wrong
-            raise RuntimeError("torch.hann_window(periodic=False) no longer starts with 0.")
-        _DEVICE_WINDOWS[key] = hann.to(device)
-    return _DEVICE_WINDOWS[key]
-
-
-def frames_row_length(num_frames: int, window: int = 400, shift: int = 160) -> int:
-    """Samples that `num_frames` frames span, rounded up to whole hops (a convenient padded-batch row length)."""
-    return -(-(window + (num_frames - 1) * shift) // shift) * shift
-
-
-#: A chunk: rows ``[start, stop)`` of the output flattened to ``(clips * rows_per_clip, num_mel_bins)``, and the
-#: ``(clip, first_frame, stop_frame)`` pieces of clips it holds, in row order.
-_Chunk = tuple[int, int, list[tuple[int, int, int]]]
-
-
-def _plan_chunks(frames: Sequence[int], rows_per_clip: int, chunk_frames: int, window: int, shift: int) -> list[_Chunk]:
-    """Splits the frames of all clips into chunks of at most `chunk_frames` contiguous output rows.
-
-    Frame ``f`` of clip ``b`` is output row ``b * rows_per_clip + f``. Whole clips are packed into one chunk while
-    they fit, so that short clips do not cost a chunk each (the padding rows between them are computed as well and
-    overwritten at the end); a clip longer than a chunk gets equal pieces of its own. The chunk's samples are laid
-    out like its rows, so a clip may only follow one whose last frame ends before the next clip's first sample.
-    """
-    chunks: list[_Chunk] = []
-    open_chunk = False  # whether chunks[-1] holds whole clips and may take the next one
+def _chunks(frames: Sequence[int], limit: int) -> Iterator[list[tuple[int, int, int]]]:
+    """The frames of all clips in chunks of at most `limit`, as ``(clip, first, stop)`` pieces: short clips share a
+    chunk, a clip longer than `limit` is cut into equal pieces."""
+    chunk, size = [], 0
     for clip, count in enumerate(frames):
-        base = clip * rows_per_clip
-        if count > chunk_frames:
-            pieces = -(-count // chunk_frames)
-            size = -(-count // pieces)
-            for first in range(0, count, size):
-                stop = min(first + size, count)
-                chunks.append((base + first, base + stop, [(clip, first, stop)]))
-            open_chunk = False
-            continue
-        if open_chunk:
-            start, _, pieces_so_far = chunks[-1]
-            previous_frames = pieces_so_far[-1][2]
-            clear_of_previous = (previous_frames - 1) * shift + window <= rows_per_clip * shift
-            if clear_of_previous and base + count - start <= chunk_frames:
-                pieces_so_far.append((clip, 0, count))
-                chunks[-1] = (start, base + count, pieces_so_far)
-                continue
-        chunks.append((base, base + count, [(clip, 0, count)]))
-        open_chunk = True
-    return chunks
+        step = -(-count // -(-count // limit))
+        for first in range(0, count, step):
+            stop = min(first + step, count)
+            if chunk and size + stop - first > limit:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append((clip, first, stop))
+            size += stop - first
+    if chunk:
+        yield chunk
 
 
-class _ChunkViews(NamedTuple):
-    """The views of `_ChunkBuffers` that one chunk length needs, made once per length."""
+def _fbank(clips: Sequence[torch.Tensor], frames: Sequence[int], out_frames: int, spec: CATFeatureExtractor,
+           chunk_frames: int) -> torch.Tensor:  # fmt: skip
+    """The kernel: clips (1-D float32 tensors on one device) -> (B, out_frames, bins) features of extractor `spec`.
 
-    samples: torch.Tensor  # (samples,) the chunk's samples, laid out like its rows
-    sample_blocks: torch.Tensor  # (samples // block, block) the same, in gcd-sized blocks
-    block_sums: torch.Tensor  # (samples // block,)
-    sample_frames: torch.Tensor  # (count, window) overlapping frames of `samples`
-    block_sum_frames: torch.Tensor  # (count, window // block) overlapping frames of `block_sums`
-    frame_means: torch.Tensor  # (count, 1)
-    centered: torch.Tensor  # (count, window)
-    centered_current: torch.Tensor  # (count, window - 1) columns 1..window-1 of `centered`
-    centered_previous: torch.Tensor  # (count, window - 1) columns 0..window-2
-    emphasized: torch.Tensor  # (count, window - 1) columns 1..window-1 of `frames`
-    frames: torch.Tensor  # (count, n_fft), zero beyond `window` and in column 0
-    mel: torch.Tensor  # (count, num_mel_bins)
-    mel_numpy: np.ndarray | None  # the same memory as numpy array (CPU only)
-    mel_blocks: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row_lo, row_hi, weights, mel columns)
-
-
-class _ChunkBuffers:
-    """Work buffers for chunks of up to `capacity` frames, reused by every chunk of a call (and, on CPU, by later
-    calls in the same thread: see `_cpu_chunk_buffers`).
-
-    The views a chunk length needs are made once (`views`): on CPU, the dispatch overhead of each PyTorch call is
-    a good part of the run time, so a chunk uses a fixed, small number of calls.
-    """
-
-    def __init__(
-        self,
-        capacity: int,
-        window: int,
-        shift: int,
-        n_fft: int,
-        blocks: tuple[MelBlock, ...],
-        num_mel_bins: int,
-        device: torch.device,
-    ) -> None:
-        self.window, self.shift, self.blocks = window, shift, blocks
-        self.block = math.gcd(window, shift)
-        samples = (capacity - 1) * shift + window
-        options = {"dtype": torch.float32, "device": device}
-        self.samples = torch.zeros(samples, **options)
-        self.block_sums = torch.zeros(samples // self.block, **options)
-        self.frame_means = torch.empty(capacity, 1, **options)
-        self.centered = torch.empty(capacity, window, **options)
-        # Column 0 and the columns past `window` are never written: column 0 because the Hann window is 0 there
-        # (which also makes Kaldi's x[-1] := x[0] rule moot), the others are the FFT's zero padding.
-        self.frames = torch.zeros(capacity, n_fft, **options)
-        self.mel = torch.empty(capacity, num_mel_bins, **options)
-        self._views: dict[int, _ChunkViews] = {}
-
-    def views(self, count: int) -> _ChunkViews:
-        if count not in self._views:
-            window, shift, block = self.window, self.shift, self.block
-            samples = self.samples[: (count - 1) * shift + window]
-            block_sums = self.block_sums[: samples.numel() // block]
-            centered = self.centered[:count]
-            mel = self.mel[:count]
-            self._views[count] = _ChunkViews(
-                samples=samples,
-                sample_blocks=samples.view(-1, block),
-                block_sums=block_sums,
-                sample_frames=samples.unfold(0, window, shift),
-                block_sum_frames=block_sums.unfold(0, window // block, shift // block),
-                frame_means=self.frame_means[:count],
-                centered=centered,
-                centered_current=centered[:, 1:],
-                centered_previous=centered[:, :-1],
-                emphasized=self.frames[:count, 1:window],
-                frames=self.frames[:count],
-                mel=mel,
-                mel_numpy=mel.numpy() if mel.device.type == "cpu" else None,
-                mel_blocks=[(r0, r1, weights, mel[:, c0:c1]) for r0, r1, c0, c1, weights in self.blocks],
-            )
-        return self._views[count]
-
-
-_THREAD_BUFFERS = threading.local()
-
-
-def _cpu_chunk_buffers(
-    capacity: int, window: int, shift: int, n_fft: int, blocks: tuple[MelBlock, ...], num_mel_bins: int
-) -> _ChunkBuffers:
-    """This thread's CPU work buffers for chunks of up to `capacity` frames, kept between calls.
-
-    Allocating and first touching ~7 MB of fresh buffers costs about 5 % of a call on 64 ten-second clips. One set per
-    thread (concurrent calls never share one) and per geometry; the four most recently used sets are kept.
-    `blocks` is the cached tuple of `_mel_blocks_on`, so its identity stands for the mel configuration.
-    """
-    cache: dict[tuple[Any, ...], _ChunkBuffers] = _THREAD_BUFFERS.__dict__.setdefault("by_geometry", {})
-    key = (capacity, window, shift, n_fft, id(blocks), num_mel_bins)
-    buffers = cache.pop(key, None)
-    if buffers is None or buffers.blocks is not blocks:
-        buffers = _ChunkBuffers(capacity, window, shift, n_fft, blocks, num_mel_bins, torch.device("cpu"))
-    cache[key] = buffers  # (re-)inserted last: the dict is ordered from least to most recently used
-    while len(cache) > 4:
-        del cache[next(iter(cache))]
-    return buffers
-
-
-#: Largest output (bytes) whose memory a thread keeps for its next call once the caller has dropped it.
-_MAX_REUSED_OUTPUT_BYTES = 128 << 20
-
-
-def _cpu_output(rows: int, num_mel_bins: int) -> np.ndarray:
-    """A (rows, num_mel_bins) float32 array for a call's output, in the memory of the thread's previous output once
-    nothing made from that one is alive any more, else in new memory (which is then kept for the next call).
-
-    Fresh memory costs the kernel's page zeroing on first touch (2.6 ms of a ~45 ms call on 64 ten-second clips,
-    in the single-threaded log). The caller gets a view of the kept memory; every tensor, view or numpy array made
-    from it keeps that view alive, so the memory is reused only after the view has been freed (a weak reference
-    tells, whatever the interpreter's reference counting). Numpy views of the kept memory itself bypass that check
-    (numpy makes them views of `memory`): only the handed-out view may leave the kernel. (A tensor moved to shared
-    memory with `share_memory_()` lets go of the view while numpy arrays taken from it before still point here, as
-    they would point at freed memory without the reuse: take `.numpy()` after `share_memory_()`.)
-    """
-    kept = getattr(_THREAD_BUFFERS, "output", None)
-    if kept is not None and kept[0].shape == (rows, num_mel_bins) and kept[1]() is None:
-        memory = kept[0]
-    else:
-        _THREAD_BUFFERS.output = kept = None  # freed (if nobody holds it) before the new one is allocated
-        # Allocated by numpy: its large arrays get transparent huge pages, so the first writes into the fresh output
-        # page-fault ~5x less than into a torch.empty of the same size.
-        memory = np.empty((rows, num_mel_bins), dtype=np.float32)
-    handed_out = memory.view()
-    _THREAD_BUFFERS.output = (memory, weakref.ref(handed_out)) if memory.nbytes <= _MAX_REUSED_OUTPUT_BYTES else None
-    return handed_out
-
-
-def _fbank_of_clips(
-    clips: Sequence[torch.Tensor],
-    frames: Sequence[int],
-    out_frames: int,
-    *,
-    subtract_clip_means: bool,
-    sample_rate: float,
-    num_mel_bins: int,
-    frame_length_ms: float,
-    frame_shift_ms: float,
-    preemphasis_coefficient: float,
-    low_freq: float,
-    high_freq: float,
-    padding_value: float,
-    normalize: tuple[float, float] | None,
-    chunk_frames: int,
-    clip_offsets: Sequence[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel of `kaldi_fbank_batch`: clips (1-D float32 tensors on one device) -> (B, out_frames, bins) fbank.
-
-    The first `frames[b]` (at most `out_frames`) frames of clip ``b`` are computed; the other rows get the padding
-    value. With `subtract_clip_means`, each clip's (float32) mean is subtracted first; `clip_offsets`, if given, are
-    subtracted instead. Also returns the float32 sum of every clip, computed just before its samples are used (so
-    they are then read from the cache), for the caller's NaN/Inf check.
-
-    The chunks of `_plan_chunks` are processed one after the other: their samples are copied straight from the clips
-    into a buffer laid out like their rows, then come frame means from sums of gcd-sized blocks, DC removal,
-    pre-emphasis, window, ``rfft``, the squared ``view_as_real`` spectrum, banded mel matmuls, and the log into the
-    output rows, in buffers that fit the CPU cache (on CPU kept for the thread's next call). The arithmetic is the
-    Kaldi recipe's, in the same order: it decides the float32 rounding in the quiet bins (a reordering that is exact
-    in real numbers, pre-emphasis on the sample stream before the DC removal, moved resolved bins by 1e-4).
+    The first `frames[b]` frames of clip ``b`` are computed, the other rows get the padded-frame value. Per chunk, its
+    frames (minus their clip's mean) are copied into a work buffer; per-frame DC removal, pre-emphasis, window,
+    ``rfft``, power spectrum, banded mel matmuls and the log follow, in the Kaldi recipe's order (it decides the
+    float32 rounding in quiet bins). The output is new memory that no later call writes.
     """
     device = clips[0].device
-    window, shift, n_fft = _frame_geometry(sample_rate, frame_length_ms, frame_shift_ms)
-    batch_size, coefficient = len(clips), float(preemphasis_coefficient)
-    blocks = _mel_blocks_on(device, num_mel_bins, n_fft, float(sample_rate), float(low_freq), float(high_freq))
-    window_tail = _hann_window_on(device, window)[1:]
-
-    if device.type == "cpu":
-        fbank_numpy = _cpu_output(batch_size * out_frames, num_mel_bins)
-        fbank = torch.from_numpy(fbank_numpy)
+    window, shift, n_fft = _frame_geometry(spec.sampling_rate, spec.frame_length_ms, spec.frame_shift_ms)
+    num_mel_bins = spec.num_mel_bins
+    blocks = _mel_blocks(num_mel_bins, n_fft, float(spec.sampling_rate), float(spec.low_freq), float(spec.high_freq))
+    blocks = [(r0, r1, c0, c1, weights.to(device)) for r0, r1, c0, c1, weights in blocks]
+    hann_tail = torch.hann_window(window, periodic=False, device=device)[1:]  # the first sample is 0: see `padded`
+    if device.type == "cpu":  # numpy gives large arrays transparent huge pages: far fewer faults on first writes
+        out_numpy = np.empty((len(clips), out_frames, num_mel_bins), dtype=np.float32)
+        out = torch.from_numpy(out_numpy)
+        # share_memory_() (also run by torch.multiprocessing queues) moves a tensor's data and frees the old memory,
+        # where numpy views taken before still point: kept until the tensor dies, no later allocation reuses it.
+        weakref.finalize(out, lambda *_: None, out_numpy)
     else:
-        fbank_numpy, fbank = None, torch.empty(batch_size * out_frames, num_mel_bins, device=device)
-    if normalize is not None:
-        scale = 1.0 / (2.0 * normalize[1])
-        offset = torch.tensor(-normalize[0] * scale, dtype=torch.float32, device=device)
-
-    chunks = _plan_chunks(frames, out_frames, chunk_frames, window, shift)
-    if device.type == "cpu" and chunk_frames <= _MAX_KEPT_CHUNK_FRAMES:
-        buffers = _cpu_chunk_buffers(chunk_frames, window, shift, n_fft, blocks, num_mel_bins)
-    else:  # large chunks (accelerators, chunk_frames=None): their buffers are freed with the call
-        capacity = max(stop - start for start, stop, _ in chunks)
-        buffers = _ChunkBuffers(capacity, window, shift, n_fft, blocks, num_mel_bins, device)
-    block = buffers.block
-    sums: list[torch.Tensor | None] = [None] * batch_size
-    offsets: list[torch.Tensor | float | None] = [None] * batch_size
-    for start, stop, pieces in chunks:
-        count = stop - start
-        views = buffers.views(count)
-        # The chunk's samples (minus the clip offsets) and their block sums; the gaps between clips are zeroed.
-        covered = 0
-        for clip, first, stop_frame in pieces:
-            wave = clips[clip]
-            if sums[clip] is None:
-                sums[clip] = wave.sum()
-                if clip_offsets is not None:
-                    offsets[clip] = clip_offsets[clip]
-                elif subtract_clip_means:
-                    offsets[clip] = sums[clip] / wave.numel()
-                else:
-                    offsets[clip] = 0.0
-            local = (clip * out_frames + first - start) * shift
-            length = (stop_frame - first - 1) * shift + window
-            source = wave[first * shift : first * shift + length]
-            if len(pieces) == 1:
-                torch.sub(source, offsets[clip], out=views.samples)
-                torch.sum(views.sample_blocks, dim=1, out=views.block_sums)
-                continue
-            if local > covered:
-                buffers.samples[covered:local].zero_()
-                buffers.block_sums[covered // block : local // block].zero_()
-            target = buffers.samples[local : local + length]
-            torch.sub(source, offsets[clip], out=target)
-            torch.sum(target.view(-1, block), dim=1, out=buffers.block_sums[local // block : (local + length) // block])
-            covered = local + length
-        torch.sum(views.block_sum_frames, dim=1, keepdim=True, out=views.frame_means).div_(window)
-        torch.sub(views.sample_frames, views.frame_means, out=views.centered)
-        torch.sub(views.centered_current, views.centered_previous, alpha=coefficient, out=views.emphasized)
-        views.emphasized.mul_(window_tail)
-        # rfft's out= variant copies its result, so it allocates. Squaring the (re, im) pairs in place, with every
-        # filter row repeated twice, gives the power spectrum's mel energies without a (slow) complex abs.
-        squared = torch.view_as_real(torch.fft.rfft(views.frames)).view(count, -1).square_()
-        for r0, r1, weights, mel_block in views.mel_blocks:
-            torch.mm(squared[:, r0:r1], weights, out=mel_block)
-        # Freed now, the spectrum's 2 MB go back to the allocator before the next chunk's rfft asks for the same
-        # size. Kept alive until the next spectrum exists, two spectra alternate and glibc keeps returning heap memory
-        # to the OS: measured ~2000 page faults per 64 ten-second clips instead of 17, and a 1.2-1.8x slower call.
-        del squared
-        views.mel.clamp_(min=_LOG_FLOOR)
-        rows = fbank[start:stop]
-        if fbank_numpy is not None:
-            np.log(views.mel_numpy, out=fbank_numpy[start:stop])  # numpy's log is ~3x faster than torch's
-        else:
-            torch.log(views.mel, out=rows)
-        if normalize is not None:
-            torch.add(offset, rows, alpha=scale, out=rows)  # (log - mean) / (2 std) in one pass
-
-    fill = float(padding_value)
-    if normalize is not None:
-        fill = (fill - normalize[0]) / (normalize[1] * 2)
-    fbank = fbank.view(batch_size, out_frames, num_mel_bins)
+        out_numpy, out = None, torch.empty(len(clips), out_frames, num_mel_bins, device=device)
+    chunks = list(_chunks(frames, chunk_frames))
+    capacity = max(sum(stop - first for _, first, stop in chunk) for chunk in chunks)
+    # Work buffers of this call alone: nested (re-entrant) and concurrent calls never share them. Columns 0 and
+    # `window`.. of `padded` stay 0: the FFT's zero padding, and the Hann window's 0 (so Kaldi's x[-1] := x[0] is moot).
+    raw = torch.empty(capacity, window, device=device)
+    padded = torch.zeros(capacity, n_fft, device=device)
+    power = torch.empty(capacity, n_fft // 2 + 1, device=device)
+    mel = torch.empty(capacity, num_mel_bins, device=device)
+    clip_frames = [clip.unfold(0, window, shift) for clip in clips]
+    offsets: dict[int, Any] = {}
+    scale = 1.0 / (2.0 * spec.std) if spec.do_normalize else 1.0
+    offset = torch.tensor(-spec.mean * scale if spec.do_normalize else 0.0, device=device)
+    for pieces in chunks:
+        count, row = sum(stop - first for _, first, stop in pieces), 0
+        for clip, first, stop in pieces:
+            if clip not in offsets:  # summed right before its frames are copied, which then come from the cache
+                total = clips[clip].sum()  # in float32, as the original's mean
+                if not bool(torch.isfinite(total)):  # a NaN/Inf sample, or a sum past float32's range
+                    total = clips[clip].sum(dtype=torch.float64)
+                if not bool(torch.isfinite(total)):
+                    bad = [i for i, wave in enumerate(clips) if not bool(torch.isfinite(wave).all())]
+                    raise ValueError(f"clip(s) {bad} contain NaN or Inf samples; clean or drop them (e.g. with "
+                                     "np.nan_to_num) before feature extraction.")  # fmt: skip
+                offsets[clip] = (total / clips[clip].numel()).float() if spec.subtract_waveform_mean else 0.0
+            torch.sub(clip_frames[clip][first:stop], offsets[clip], out=raw[row : row + stop - first])
+            row += stop - first
+        chunk = raw[:count]
+        chunk.sub_(chunk.mean(dim=1, keepdim=True))
+        emphasized = padded[:count, 1:window]
+        torch.sub(chunk[:, 1:], chunk[:, :-1], alpha=float(spec.preemphasis_coefficient), out=emphasized)
+        emphasized.mul_(hann_tail)
+        squares = torch.view_as_real(torch.fft.rfft(padded[:count])).square_()  # re^2, im^2: no complex abs
+        spectrum, energies = torch.add(squares[..., 0], squares[..., 1], out=power[:count]), mel[:count]
+        del squares  # freed before the next chunk's rfft allocates as much: two alternating spectra fault more pages
+        for r0, r1, c0, c1, weights in blocks:
+            torch.mm(spectrum[:, r0:r1], weights, out=energies[:, c0:c1])
+        energies.clamp_(min=_LOG_FLOOR)
+        row = 0
+        for clip, first, stop in pieces:
+            rows = out[clip, first:stop]
+            if out_numpy is not None:  # numpy's log is faster than torch's on CPU
+                np.log(energies[row : row + stop - first].numpy(), out=out_numpy[clip, first:stop])
+            else:
+                torch.log(energies[row : row + stop - first], out=rows)
+            if spec.do_normalize:
+                torch.add(offset, rows, alpha=scale, out=rows)  # (log - mean) / (2 std) in one pass
+            row += stop - first
     for clip, count in enumerate(frames):
-        if count < out_frames:
-            fbank[clip, count:].fill_(fill)
-    return fbank, torch.stack(sums)
+        out[clip, count:].fill_(spec.padded_frame_value)
+    return out
 
 
 def kaldi_fbank_batch(
-    waveforms: torch.Tensor,
-    lengths: torch.Tensor | Sequence[int],
-    *,
-    sample_rate: float = 16000.0,
-    num_mel_bins: int = 128,
-    frame_length_ms: float = 25.0,
-    frame_shift_ms: float = 10.0,
-    preemphasis_coefficient: float = 0.97,
-    low_freq: float = 20.0,
-    high_freq: float = 0.0,
-    num_output_frames: int | None = None,
-    padding_value: float = 0.0,
-    normalize: tuple[float, float] | None = None,
+    waveforms: torch.Tensor, lengths: torch.Tensor | Sequence[int], *, sample_rate: float = 16000.0,
+    num_mel_bins: int = 128, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0,
+    preemphasis_coefficient: float = 0.97, low_freq: float = 20.0, high_freq: float = 0.0,
+    num_output_frames: int | None = None, padding_value: float = 0.0, normalize: tuple[float, float] | None = None,
     chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kaldi log-mel filter banks of a zero-padded batch of waveforms, computed in one batched pass.
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``torchaudio.compliance.kaldi.fbank(x, htk_compat=True, use_energy=False, window_type="hanning", dither=0.0)``
+    of each clip ``waveforms[b, :lengths[b]]`` (each at least one frame) of a zero-padded (B, N) batch, in one pass.
 
-    Per frame (25 ms, 10 ms hop, snip edges): remove the frame's DC offset, pre-emphasis (``x[j] - 0.97 x[j-1]``,
-    ``x[-1] := x[0]``), symmetric Hann window, zero-pad to the next power of two, power spectrum, Kaldi mel
-    filters, ``log(max(energy, float32 eps))``. That is ``torchaudio.compliance.kaldi.fbank(x, htk_compat=True,
-    use_energy=False, window_type="hanning", dither=0.0, ...)`` clip by clip (the clip-mean subtraction of the CAT
-    recipe cancels against the per-frame DC removal, up to float rounding).
-
-    The frames are processed ``chunk_frames`` at a time (so that the intermediates stay in the CPU cache; ``None`` =
-    all at once, best on GPU), each chunk reading its samples straight from the clips.
-
-    Args:
-        waveforms: (B, N) float32, clip ``b`` in ``waveforms[b, :lengths[b]]``; the rest is ignored.
-        lengths: real samples per clip, each at least one frame (400 samples at 16 kHz).
-        num_output_frames: frames T of the output (default: the longest clip's); clips are truncated to it.
-        padding_value: value of the output rows beyond a clip's frames (before `normalize`).
-        normalize: ``(mean, std)`` to return ``(fbank - mean) / (2 * std)`` instead of the raw fbank.
-
-    Returns:
-        ``(fbank, num_frames)``: fbank (B, T, num_mel_bins) float32 on the device of `waveforms`, and the real
-        frames per clip ``min(1 + (lengths - window) // shift, T)`` as int64 (B,) on CPU.
+    Returns ``(fbank, frames)``: (B, T, num_mel_bins) on the device of `waveforms`, T = `num_output_frames` (default:
+    the longest clip's; longer clips are truncated), `padding_value` past a clip's frames, ``(fbank - mean) / (2 *
+    std)`` if `normalize` = ``(mean, std)``; and the real frames per clip, int64 (B,). `chunk_frames` frames are
+    processed at a time (``None``: all at once, best on GPU).
     """
     if waveforms.dim() != 2:
         raise ValueError(f"waveforms must be (batch, samples), got shape {tuple(waveforms.shape)}.")
-    batch_size = waveforms.shape[0]
     window, shift, _ = _frame_geometry(sample_rate, frame_length_ms, frame_shift_ms)
-    lengths_list = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
-    if len(lengths_list) != batch_size or batch_size == 0:
-        raise ValueError(f"got {len(lengths_list)} lengths for a batch of {batch_size} waveforms; pass one per row.")
-    if any(n < window or n > waveforms.shape[1] for n in lengths_list):
-        raise ValueError(
-            f"every length must lie in [{window}, {waveforms.shape[1]}] (at least one frame, at most the row); "
-            f"got {lengths_list}."
-        )
-    frames = [1 + (n - window) // shift for n in lengths_list]
+    lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+    if len(lengths) != waveforms.shape[0] or not lengths:
+        raise ValueError(f"got {len(lengths)} lengths for a batch of {waveforms.shape[0]} waveforms; pass one per row.")
+    if any(n < window or n > waveforms.shape[1] for n in lengths):
+        raise ValueError(f"every length must lie in [{window}, {waveforms.shape[1]}] (at least one frame, at most the "
+                         f"row); got {lengths}.")  # fmt: skip
+    frames = [1 + (n - window) // shift for n in lengths]
     out_frames = max(frames) if num_output_frames is None else int(num_output_frames)
     if out_frames < 1:
         raise ValueError(f"num_output_frames must be at least 1, got {num_output_frames!r}.")
+    mean, std = normalize if normalize is not None else (0.0, 1.0)
+    spec = CATFeatureExtractor(
+        feature_size=num_mel_bins, num_mel_bins=num_mel_bins, sampling_rate=sample_rate,
+        frame_length_ms=frame_length_ms, frame_shift_ms=frame_shift_ms, preemphasis_coefficient=preemphasis_coefficient,
+        low_freq=low_freq, high_freq=high_freq, padding_value=padding_value, do_normalize=normalize is not None,
+        mean=mean, std=std, subtract_waveform_mean=False,
+    )  # fmt: skip
     frames = [min(f, out_frames) for f in frames]
-    x = waveforms.to(torch.float32)
-    clips = [x[b, :n].contiguous() for b, n in enumerate(lengths_list)]
-    fbank, _ = _fbank_of_clips(
-        clips,
-        frames,
-        out_frames,
-        subtract_clip_means=False,
-        sample_rate=sample_rate,
-        num_mel_bins=num_mel_bins,
-        frame_length_ms=frame_length_ms,
-        frame_shift_ms=frame_shift_ms,
-        preemphasis_coefficient=preemphasis_coefficient,
-        low_freq=low_freq,
-        high_freq=high_freq,
-        padding_value=padding_value,
-        normalize=normalize,
-        chunk_frames=int(chunk_frames) if chunk_frames else sum(frames),
-    )
-    return fbank, torch.tensor(frames, dtype=torch.int64)
+    clips = [waveforms[b, :n].to(torch.float32).contiguous() for b, n in enumerate(lengths)]
+    return _fbank(clips, frames, out_frames, spec, int(chunk_frames or sum(frames))), torch.tensor(frames)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Feature extractor
-# ----------------------------------------------------------------------------------------------------------------
+# -- the feature extractor --------------------------------------------------------------------------------------------
 
 
 class CATFeatureExtractor(SequenceFeatureExtractor):
     r"""
     Constructs a CAT feature extractor: waveforms -> normalised Kaldi log-mel filter banks, ``(batch, frames, 128)``.
 
-    The fbank is the one of the original CAT recipe (``torchaudio.compliance.kaldi.fbank`` of the mean-subtracted
-    waveform with ``htk_compat=True``, Hann window, 25 ms / 10 ms frames, 128 mel bins, dither 0), computed for a
-    whole batch at once in float32 PyTorch, on CPU or GPU (``device=`` argument of ``__call__``). Frames are zero
-    padded *before* normalisation (the original order), so a padded frame equals ``-mean / (2 * std)``.
+    The fbank of the original CAT recipe (module docstring), for a whole batch at once, on CPU or GPU (``device=``).
+    Frames are padded *before* normalisation (the original order): a padded frame equals ``-mean / (2 * std)``. Each
+    call returns new memory, which the extractor never writes again. Precision: ~1e-6 log-mel units from the
+    original near each frame's loudest bin, below 1e-4 in bins less than ~50 dB under it; quieter bins hold float32
+    FFT rounding noise (up to ~1e-3 between any two float32 implementations).
 
-    Precision (log-mel units): ~1e-6 from the original's float32 fbank near each frame's loudest bin and below
-    1e-4 in every bin less than ~50 dB under it. Quieter bins hold float32 FFT rounding noise, where any two float32
-    implementations (or the original on two CPU kinds) differ by up to ~1e-3; float64 is as far off there.
+    **Audio**, as in transformers' extractors: a 1-D array, tensor or list of floats is one clip, a 2-D array or
+    tensor a batch ``(batch, samples)``, a list of arrays a batch; floats are samples in [-1, 1], int16/int32 PCM is
+    scaled; other rates are resampled (soxr, or torchaudio when asked and importable). Channels (``channels=``):
 
-    Accepted audio, per clip: 1-D float arrays/tensors/lists (16 kHz unless ``sampling_rate`` says otherwise),
-    int16 (or int32) PCM which is scaled to [-1, 1), and 2-D multi-channel arrays, which are averaged to mono -
-    **the channel axis of a 2-D array is its smaller axis**, so ``(channels, samples)`` and ``(samples, channels)``
-    both work. A 2-D array is always *one* multi-channel clip; pass a batch as a list of clips.
+    - ``None`` (default): mono clips; a 2-D array is a batch. One with at most 8 columns, which would be a batch of
+      clips shorter than one frame, is refused as what it most likely is, a ``(samples, channels)`` clip (earlier
+      cat-hf versions read any 2-D array as one multi-channel clip: pass ``channels="first"`` for that reading). A
+      2-D *item of a list* is one multi-channel clip, its channels on the smaller axis.
+    - ``"mono"``: mono clips; any 2-D array is a batch, however short its clips.
+    - ``"first"`` / ``"last"``: a clip is ``(channels, samples)`` / ``(samples, channels)`` (or 1-D): a 2-D array is
+      one clip, a 3-D array a batch. Channels are averaged.
 
-    Padding (``padding=``):
-
-    - ``"max_length"`` (default, the original behaviour): pad or truncate every clip to ``max_length`` frames. No
-      attention mask by default, because the original model attends to the padding and parity needs the same.
-    - ``"longest"`` (or ``True``): pad to the longest clip of the batch, rounded up to a multiple of 16 frames (one
-      time patch); returns a frame-level ``attention_mask`` (1 = real frame) by default. With ``truncation=True``
-      clips are first cut to ``max_length`` frames.
-
-    A clip must hold at least one 25 ms frame (400 samples at 16 kHz). Shorter-than-a-patch clips (1 to 15 frames)
-    are accepted: both padding modes pad them to at least 16 frames, the minimum input of the model.
+    A clip needs one 25 ms frame (400 samples at 16 kHz). **Padding**: ``"max_length"`` (default, the original) pads
+    or truncates to ``max_length`` frames, without attention mask (the original model attends to the padding);
+    ``"longest"`` (or ``True``) pads to the longest clip rounded up to ``pad_to_multiple_of`` (16 frames, one time
+    patch, also the minimum), with a frame ``attention_mask`` (1 = real); ``truncation=True`` first cuts clips to
+    ``max_length``.
 
     Args:
-        feature_size (`int`, defaults to 128): Feature dimension (= `num_mel_bins`).
-        sampling_rate (`int`, defaults to 16000): Sampling rate the model expects; other rates are resampled.
-        num_mel_bins (`int`, defaults to 128): Number of Kaldi mel filters.
-        max_length (`int`, defaults to 1024): Target length in frames (10.24 s) for ``padding="max_length"``.
-        padding_value (`float`, defaults to 0.0): Value of padded frames in the *raw* fbank (before normalising).
-        do_normalize (`bool`, defaults to `True`): Apply ``(x - mean) / (2 * std)``.
-        mean (`float`, defaults to -4.268): Log-mel mean of the training data (AudioSet).
-        std (`float`, defaults to 4.569): Log-mel standard deviation of the training data (AudioSet).
-        padding (`str`, defaults to ``"max_length"``): Default padding strategy of ``__call__``.
-        pad_to_multiple_of (`int`, defaults to 16): Rounding of ``padding="longest"`` (frames per time patch).
-        frame_length_ms, frame_shift_ms, preemphasis_coefficient, low_freq, high_freq: Kaldi fbank options
-            (25.0, 10.0, 0.97, 20.0, 0.0 = Nyquist); change them only for a model trained that way.
-        subtract_waveform_mean (`bool`, defaults to `True`): Subtract each clip's mean first (as CAT does).
-        resample_backend (`str`, defaults to ``"soxr"``): ``"soxr"`` or ``"torchaudio"`` (used only when
-            importable; otherwise soxr is used with a warning).
-        chunk_frames (`int`, defaults to 1024): Frames processed at a time on CPU (keeps intermediates in cache).
-        return_attention_mask (`bool`, *optional*): Default for ``__call__``; `None` = per padding strategy.
+        feature_size / num_mel_bins (`int`, 128): mel filters (both equal). sampling_rate (`int`, 16000): the
+            model's rate. max_length (`int`, 1024): frames for ``"max_length"``. padding_value (`float`, 0.0): value
+            of padded frames in the *raw* fbank. do_normalize (`bool`, True), mean (-4.268), std (4.569): the
+            normalisation (AudioSet statistics; see `FEATURE_PRESETS`). padding (``"max_length"``): default strategy.
+            pad_to_multiple_of (16). frame_length_ms, frame_shift_ms, preemphasis_coefficient, low_freq, high_freq:
+            Kaldi options (25.0, 10.0, 0.97, 20.0, 0.0 = Nyquist). subtract_waveform_mean (True): as CAT does.
+            resample_backend (``"soxr"`` or ``"torchaudio"``). chunk_frames (1024): frames at a time on CPU.
+            return_attention_mask (`None` = per padding strategy).
     """
 
     model_input_names = ["input_values", "attention_mask"]
 
     def __init__(
-        self,
-        feature_size: int = 128,
-        sampling_rate: int = 16000,
-        num_mel_bins: int = 128,
-        max_length: int = FEATURE_PRESETS["audioset"]["max_length"],
-        padding_value: float = 0.0,
-        do_normalize: bool = True,
-        mean: float = FEATURE_PRESETS["audioset"]["mean"],
-        std: float = FEATURE_PRESETS["audioset"]["std"],
-        padding: str = "max_length",
-        pad_to_multiple_of: int = PATCH_FRAMES,
-        frame_length_ms: float = 25.0,
-        frame_shift_ms: float = 10.0,
-        preemphasis_coefficient: float = 0.97,
-        low_freq: float = 20.0,
-        high_freq: float = 0.0,
-        subtract_waveform_mean: bool = True,
-        resample_backend: str = "soxr",
-        chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-        return_attention_mask: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            feature_size=feature_size,
-            sampling_rate=sampling_rate,
-            padding_value=padding_value,
-            return_attention_mask=return_attention_mask,
-            **kwargs,
-        )
+        self, feature_size: int = 128, sampling_rate: int = 16000, num_mel_bins: int = 128,
+        max_length: int = FEATURE_PRESETS["audioset"]["max_length"], padding_value: float = 0.0,
+        do_normalize: bool = True, mean: float = FEATURE_PRESETS["audioset"]["mean"],
+        std: float = FEATURE_PRESETS["audioset"]["std"], padding: str = "max_length",
+        pad_to_multiple_of: int = PATCH_FRAMES, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0,
+        preemphasis_coefficient: float = 0.97, low_freq: float = 20.0, high_freq: float = 0.0,
+        subtract_waveform_mean: bool = True, resample_backend: str = "soxr",
+        chunk_frames: int = DEFAULT_CHUNK_FRAMES, return_attention_mask: bool | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value,
+                         return_attention_mask=return_attention_mask, **kwargs)  # fmt: skip
         if feature_size != num_mel_bins:
-            raise ValueError(
-                f"feature_size ({feature_size}) must equal num_mel_bins ({num_mel_bins}); set both to the same value."
-            )
+            raise ValueError(f"feature_size ({feature_size}) must equal num_mel_bins ({num_mel_bins}).")
         if not isinstance(num_mel_bins, int) or num_mel_bins <= 3:
             raise ValueError(f"num_mel_bins must be an integer > 3, got {num_mel_bins!r}.")
         if not sampling_rate or sampling_rate <= 0:
@@ -755,41 +379,52 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
         if resample_backend not in _RESAMPLE_BACKENDS:
             raise ValueError(f"resample_backend {resample_backend!r} is unknown; use one of {_RESAMPLE_BACKENDS}.")
         if not isinstance(chunk_frames, int) or chunk_frames < 1:
-            raise ValueError(
-                f"chunk_frames must be a positive integer, got {chunk_frames!r}; "
-                f"the default is {DEFAULT_CHUNK_FRAMES}."
-            )
-        self.num_mel_bins = num_mel_bins
-        self.max_length = max_length
-        self.do_normalize = do_normalize
-        self.mean = mean
-        self.std = std
-        self.padding = self._check_padding(padding)
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.frame_length_ms = frame_length_ms
-        self.frame_shift_ms = frame_shift_ms
-        self.preemphasis_coefficient = preemphasis_coefficient
-        self.low_freq = low_freq
-        self.high_freq = high_freq
-        self.subtract_waveform_mean = subtract_waveform_mean
-        self.resample_backend = resample_backend
-        self.chunk_frames = chunk_frames
-        # Fails early on a bad frame size or mel range instead of at the first call.
-        n_fft = _frame_geometry(sampling_rate, frame_length_ms, frame_shift_ms)[2]
+            raise ValueError(f"chunk_frames must be a positive integer (default {DEFAULT_CHUNK_FRAMES}), got "
+                             f"{chunk_frames!r}.")  # fmt: skip
+        self.num_mel_bins, self.max_length, self.do_normalize = num_mel_bins, max_length, do_normalize
+        self.mean, self.std, self.padding = mean, std, self._check_padding(padding)
+        self.pad_to_multiple_of, self.subtract_waveform_mean = pad_to_multiple_of, subtract_waveform_mean
+        self.frame_length_ms, self.frame_shift_ms = frame_length_ms, frame_shift_ms
+        self.preemphasis_coefficient, self.low_freq, self.high_freq = preemphasis_coefficient, low_freq, high_freq
+        self.resample_backend, self.chunk_frames = resample_backend, chunk_frames
+        n_fft = _frame_geometry(sampling_rate, frame_length_ms, frame_shift_ms)[2]  # fails early on bad options
         _kaldi_mel_banks(num_mel_bins, n_fft, float(sampling_rate), float(low_freq), float(high_freq))
-
-    # -- configuration helpers -------------------------------------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> CATFeatureExtractor:
-        """Extractor with the length and statistics of a CAT recipe (a key of `FEATURE_PRESETS`).
-
-        ``"audioset"`` (1024 frames), ``"esc50"`` (512) or ``"speechcommands"`` (128); `kwargs` override fields.
-        """
+        """Extractor of a CAT recipe of `FEATURE_PRESETS`: ``"audioset"`` (1024 frames), ``"esc50"`` (512) or
+        ``"speechcommands"`` (128); `kwargs` override fields."""
         key = name.lower().replace("-", "").replace("_", "")
         if key not in FEATURE_PRESETS:
             raise ValueError(f"unknown feature preset {name!r}; use one of {sorted(FEATURE_PRESETS)}.")
         return cls(**{**FEATURE_PRESETS[key], **kwargs})
+
+    @classmethod
+    def from_dict(cls, feature_extractor_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """As in transformers; loaded by a ``from_pretrained`` (this class's or AutoFeatureExtractor's), the extractor
+        is refused if its mel bins (or rate, or frames) differ from the model's config.json in the same folder."""
+        loaded = super().from_dict(feature_extractor_dict, **kwargs)
+        caller = sys._getframe(1).f_locals  # transformers passes only the dict: the folder is its caller's argument
+        if sys._getframe(1).f_code.co_name == "from_pretrained" and "pretrained_model_name_or_path" in caller:
+            source, hub = caller["pretrained_model_name_or_path"], caller.get("hub_kwargs") or caller
+            keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+            try:
+                path = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False,
+                                   _raise_exceptions_for_connection_errors=False,
+                                   **{k: hub[k] for k in keys if hub.get(k) is not None})  # fmt: skip
+                with open(path, encoding="utf-8") as stream:
+                    config = json.load(stream)
+            except (OSError, TypeError, ValueError):  # no config.json (path None), unreadable, not JSON: no check
+                config = {}
+            extractor = loaded[0] if isinstance(loaded, tuple) else loaded
+            for key in ("num_mel_bins", "sampling_rate", "frame_shift_ms", "frame_length_ms"):
+                if config.get(key) is not None and config[key] != getattr(extractor, key):
+                    raise ValueError(
+                        f"{source}: preprocessor_config.json has {key}={getattr(extractor, key)}, but the model's "
+                        f"config.json has {key}={config[key]}: the model would get features it was not trained on. "
+                        "Save the model's own feature extractor into the folder (or fix the wrong file)."
+                    )
+        return loaded
 
     @property
     def window_samples(self) -> int:
@@ -808,137 +443,85 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
             return float(self.padding_value)
         return (float(self.padding_value) - self.mean) / (self.std * 2)
 
-    def pad(
-        self,
-        processed_features: Any,
-        padding: bool | str = True,
-        max_length: int | None = None,
-        truncation: bool = False,
-        pad_to_multiple_of: int | None = None,
-        return_attention_mask: bool | None = None,
-        return_tensors: str | TensorType | None = None,
-    ) -> BatchFeature:
-        """Pads already extracted ``input_values`` (e.g. per-example features in a collate function).
-
-        Same arguments as [`SequenceFeatureExtractor.pad`], but padded frames get `padded_frame_value` (what
-        ``__call__`` gives them, not the raw `padding_value`), lengths are rounded up to a multiple of
-        `pad_to_multiple_of` (default: 16 frames, one time patch), and the attention mask is returned unless
-        padding to ``"max_length"``.
-        """
+    def pad(self, processed_features: Any, padding: bool | str = True, max_length: int | None = None,
+            truncation: bool = False, pad_to_multiple_of: int | None = None, return_attention_mask: bool | None = None,
+            return_tensors: str | TensorType | None = None) -> BatchFeature:  # fmt: skip
+        """[`SequenceFeatureExtractor.pad`] of extracted ``input_values`` (e.g. in a collate function), as
+        ``__call__`` pads: `padded_frame_value`, lengths rounded up to `pad_to_multiple_of`, and the attention mask
+        unless padding to ``"max_length"``."""
         padder = copy.copy(self)
         padder.padding_value = self.padded_frame_value
         if return_attention_mask is None:
             return_attention_mask = self.return_attention_mask
-        if return_attention_mask is None:
-            return_attention_mask = padding != "max_length"
         return SequenceFeatureExtractor.pad(
-            padder,
-            processed_features,
-            padding=padding,
-            max_length=max_length,
-            truncation=truncation,
+            padder, processed_features, padding=padding, max_length=max_length, truncation=truncation,
             pad_to_multiple_of=self.pad_to_multiple_of if pad_to_multiple_of is None else pad_to_multiple_of,
-            return_attention_mask=return_attention_mask,
+            return_attention_mask=padding != "max_length" if return_attention_mask is None else return_attention_mask,
             return_tensors=return_tensors,
-        )
+        )  # fmt: skip
 
     @staticmethod
     def _check_max_length(max_length: Any, pad_to_multiple_of: int) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < pad_to_multiple_of:
-            raise ValueError(
-                f"max_length must be an integer of at least {pad_to_multiple_of} frames (one time patch), "
-                f"got {max_length!r}; use e.g. 1024 (AudioSet), 512 (ESC-50) or 128 (Speech Commands)."
-            )
+            raise ValueError(f"max_length must be an integer of at least {pad_to_multiple_of} frames (one time patch), "
+                             f"got {max_length!r}; use e.g. 1024 (AudioSet), 512 (ESC-50) or 128 (Speech Commands).")
 
     @staticmethod
     def _check_padding(padding: Any) -> str:
-        if padding is True:
-            return "longest"
-        if padding in _PADDING_STRATEGIES:
-            return padding
-        raise ValueError(
-            f"padding={padding!r} is not supported; use 'max_length' (fixed length, the original recipe) or "
-            "'longest' / True (pad to the longest clip, rounded up to a multiple of 16 frames)."
-        )
+        if padding is True or padding in _PADDING_STRATEGIES:
+            return "longest" if padding is True else padding
+        raise ValueError(f"padding={padding!r} is not supported; use 'max_length' (fixed length, the original recipe) "
+                         "or 'longest' / True (pad to the longest clip, rounded up to a multiple of 16 frames).")
 
-    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
-        """Writes the config atomically (temporary file + rename), so a crash never leaves half a JSON file."""
-        directory = os.path.dirname(os.path.abspath(json_file_path))
-        fd, tmp_path = tempfile.mkstemp(prefix=".tmp_preprocessor_", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as writer:
-                writer.write(self.to_json_string())
-            os.replace(tmp_path, json_file_path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
+    def _split_batch(self, audio: Any, channels: str | None) -> list[Any]:
+        """The clips of `audio`, by the input convention of the class docstring."""
+        if isinstance(audio, (list, tuple)) and audio:
+            if all(isinstance(item, (np.ndarray, torch.Tensor, list, tuple)) for item in audio):
+                return list(audio)
+            if all(isinstance(item, (int, float, np.number)) and not isinstance(item, bool) for item in audio):
+                return [audio]
+            raise ValueError("audio list mixes numbers and arrays (or holds unsupported objects such as strings or "
+                             "dicts); pass a list of floats for one clip or a list of arrays for a batch.")
+        if isinstance(audio, (list, tuple)):
+            raise ValueError("no audio given (empty list); pass at least one waveform.")
+        if not isinstance(audio, (np.ndarray, torch.Tensor)):
+            raise ValueError(f"audio has unsupported type {type(audio).__name__}; pass a numpy array, a torch tensor, "
+                             "a list of floats, or a list of those for a batch (decode files first, e.g. with "
+                             "soundfile.read).")  # fmt: skip
+        clip_dims, shape = (2 if channels in ("first", "last") else 1), tuple(audio.shape)
+        if audio.ndim == clip_dims:
+            return [audio]
+        if audio.ndim != clip_dims + 1:
+            raise ValueError(f"audio has {audio.ndim} dimensions (shape {shape}), which channels={channels!r} does not "
+                             "read; pass one clip, a batch (batch, samples) or a list of clips, and channels='first' "
+                             "/ 'last' for (batch, channels, samples) / (batch, samples, channels).")  # fmt: skip
+        if channels is None and shape[0] > 1 and shape[1] <= _MAX_CHANNELS:
+            raise ValueError(f"audio of shape {shape} would be a batch of {shape[0]} clips of {shape[1]} samples, each "
+                             f"shorter than one frame; if it is one clip of {shape[1]} channels laid out as (samples, "
+                             "channels), pass channels='last'.")  # fmt: skip
+        return list(audio)
 
-    # -- input handling ----------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _split_batch(raw_speech: Any) -> list[Any]:
-        """The clips of `raw_speech`: an array or tensor is one clip, a list of array-likes is a batch."""
-        if isinstance(raw_speech, (np.ndarray, torch.Tensor)):
-            if raw_speech.ndim > 2:
-                raise ValueError(
-                    f"audio has {raw_speech.ndim} dimensions (shape {tuple(raw_speech.shape)}); pass a 1-D waveform, "
-                    "a 2-D (channels, samples) array, or a list of those for a batch."
-                )
-            return [raw_speech]
-        if isinstance(raw_speech, (list, tuple)):
-            if len(raw_speech) == 0:
-                raise ValueError("no audio given (empty list); pass at least one waveform.")
-            array_like = [isinstance(item, (np.ndarray, torch.Tensor, list, tuple)) for item in raw_speech]
-            if all(array_like):
-                return list(raw_speech)
-            scalar = [isinstance(item, (int, float, np.number)) and not isinstance(item, bool) for item in raw_speech]
-            if all(scalar):
-                return [raw_speech]
-            raise ValueError(
-                "audio list mixes numbers and arrays (or holds unsupported objects such as strings or dicts); pass a "
-                "list of floats for one clip or a list of arrays for a batch (e.g. example['audio']['array'])."
-            )
-        raise ValueError(
-            f"audio has unsupported type {type(raw_speech).__name__}; pass a numpy array, a torch tensor, a list of "
-            "floats, or a list of those for a batch (decode files first, e.g. with soundfile.read)."
-        )
-
-    def _prepare_clip(self, clip: Any, index: int, sampling_rate: float, backend: str) -> np.ndarray:
+    def _prepare_clip(self, clip: Any, index: int, sampling_rate: float, backend: str,
+                      channels: str | None) -> np.ndarray:  # fmt: skip
         what = f"clip {index}"
-        if isinstance(clip, (np.ndarray, torch.Tensor)) and clip.ndim > 2:
-            raise ValueError(
-                f"{what} has {clip.ndim} dimensions (shape {tuple(clip.shape)}); pass 1-D mono or 2-D "
-                "(channels, samples) audio per clip."
-            )
         samples = _as_float32_samples(clip, what)
-        if samples.ndim == 0:
-            raise ValueError(f"{what} is a scalar, not a waveform; pass a 1-D array of samples.")
+        if samples.ndim == 2 and channels != "mono":
+            samples = downmix_to_mono(samples, {"first": 0, "last": 1}.get(channels))
+        if samples.ndim != 1:
+            hint = "declare multi-channel clips with channels='first' or 'last'" if channels == "mono" else "or 2-D"
+            raise ValueError(f"{what} has {samples.ndim} dimensions (shape {tuple(samples.shape)}); with channels="
+                             f"{channels!r} a clip is 1-D ({hint}).")  # fmt: skip
         if samples.size == 0:
             raise ValueError(f"{what} is empty (0 samples); drop it or pass real audio.")
-        if samples.ndim == 2 and min(samples.shape) > _MAX_EXPECTED_CHANNELS:
-            logger.warning(
-                f"{what} has shape {samples.shape}: read as {min(samples.shape)} channels of one clip, which are "
-                "averaged. Other transformers feature extractors read a 2-D array as a batch; for a batch of clips, "
-                "pass a list of 1-D arrays."
-            )
-        mono = downmix_to_mono(samples) if samples.ndim == 2 else samples
-        given = f"{mono.shape[0]} samples at {sampling_rate:g} Hz"
+        given = f"{samples.shape[0]} samples at {sampling_rate:g} Hz"
         if sampling_rate != self.sampling_rate:
-            mono = resample_audio(mono, sampling_rate, self.sampling_rate, backend=backend)
-            given += f", {mono.shape[0]} after resampling to {self.sampling_rate} Hz"
-        if mono.shape[0] < self.window_samples:
-            raise ValueError(
-                f"{what} has {given}: shorter than one {self.frame_length_ms:g} ms frame ({self.window_samples} "
-                f"samples at {self.sampling_rate} Hz); pad it (e.g. with zeros) or drop it."
-            )
-        return mono
-
-    @staticmethod
-    def _readable_array(wave: np.ndarray) -> np.ndarray:
-        """`wave` as a contiguous array that torch.from_numpy accepts silently (read-only arrays are copied)."""
-        wave = np.ascontiguousarray(wave)
-        return wave if wave.flags.writeable else wave.copy()
+            samples = resample_audio(samples, sampling_rate, self.sampling_rate, backend=backend)
+            given += f", {samples.shape[0]} after resampling to {self.sampling_rate} Hz"
+        if samples.shape[0] < self.window_samples:
+            raise ValueError(f"{what} has {given}: shorter than one {self.frame_length_ms:g} ms frame "
+                             f"({self.window_samples} samples at {self.sampling_rate} Hz); pad it (e.g. with zeros) "
+                             "or drop it.")  # fmt: skip
+        return samples
 
     def _resolve_backend(self, resample_backend: str | None) -> str:
         backend = resample_backend or self.resample_backend
@@ -952,146 +535,71 @@ class CATFeatureExtractor(SequenceFeatureExtractor):
                 return "soxr"
         return backend
 
-    # -- main entry point --------------------------------------------------------------------------------------------
-
     def __call__(
-        self,
-        raw_speech: np.ndarray | torch.Tensor | list[float] | list[np.ndarray] | list[torch.Tensor],
-        sampling_rate: int | None = None,
-        padding: bool | str | None = None,
-        max_length: int | None = None,
-        truncation: bool | None = None,
-        return_attention_mask: bool | None = None,
-        return_tensors: str | TensorType | None = None,
-        device: str | torch.device = "cpu",
-        resample_backend: str | None = None,
-        **kwargs: Any,
-    ) -> BatchFeature:
+        self, raw_speech: np.ndarray | torch.Tensor | list[float] | list[np.ndarray] | list[torch.Tensor],
+        sampling_rate: int | None = None, padding: bool | str | None = None, max_length: int | None = None,
+        truncation: bool | None = None, return_attention_mask: bool | None = None,
+        return_tensors: str | TensorType | None = None, device: str | torch.device = "cpu",
+        resample_backend: str | None = None, channels: str | None = None, **kwargs: Any,
+    ) -> BatchFeature:  # fmt: skip
         """
-        Featurises one clip or a batch of clips.
+        Featurises one clip or a batch (the class docstring says which audio and `channels` layouts are read).
 
         Args:
-            raw_speech: One clip (1-D array/tensor/list of floats, int16 PCM, or 2-D multi-channel array, whose
-                smaller axis is read as channels and averaged) or a list of clips. Unlike other transformers
-                feature extractors, a 2-D array is one multi-channel clip, not a batch (a warning says so beyond 8
-                channels): pass a batch as a list.
-            sampling_rate: Rate of `raw_speech`; resampled to ``self.sampling_rate`` if different. Pass it: a
-                wrong rate silently gives wrong features.
-            padding: ``"max_length"`` or ``"longest"``/``True``; defaults to ``self.padding``.
-            max_length: Frames for ``"max_length"`` (and the cap for ``"longest"`` with ``truncation=True``, after
-                which the batch is still rounded up to ``pad_to_multiple_of``, as transformers pads); at least
-                ``pad_to_multiple_of``; defaults to ``self.max_length``.
-            truncation: Only for ``"longest"``: cut clips to `max_length` frames first. ``"max_length"`` always
-                truncates (passing ``False`` is an error).
-            return_attention_mask: Return the (B, T) int64 frame mask, 1 = real frame. Default: True for
-                ``"longest"``, False for ``"max_length"`` (the original model attends to its padding).
-            return_tensors: ``"pt"``, ``"np"`` or `None` (a list of per-clip numpy arrays).
-            device: Where the fbank is computed (e.g. ``"cuda"``); ``"pt"`` outputs stay on it.
-            resample_backend: Overrides ``self.resample_backend`` for this call.
+            sampling_rate: rate of `raw_speech`, resampled to ``self.sampling_rate`` if different. Without it, the
+                audio is read at ``self.sampling_rate`` with a warning on every call, as transformers' audio
+                extractors do: the rate cannot be told from the samples, and an error would break their usual calls.
+            padding: ``"max_length"`` or ``"longest"``/``True``; max_length: frames of ``"max_length"`` and the cap
+                of ``"longest"`` with ``truncation=True`` (``"max_length"`` always truncates); defaults from ``self``.
+            return_attention_mask: the (B, T) int64 frame mask, 1 = real frame (default: for ``"longest"`` only).
+            return_tensors: ``"pt"`` (kept on `device`, where the fbank is computed), ``"np"`` or `None` (a list of
+                per-clip arrays). resample_backend: overrides ``self.resample_backend``.
 
         Returns:
             [`BatchFeature`] with ``input_values`` (B, T, num_mel_bins) float32 and optionally ``attention_mask``.
         """
         if kwargs:
             logger.warning_once(f"{self.__class__.__name__} ignores unknown arguments {sorted(kwargs)}.")
-        output_type = self._check_return_tensors(return_tensors)
+        if return_tensors not in (None, "pt", "np"):  # TensorType members equal their strings
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None.")
         padding = self._check_padding(self.padding if padding is None else padding)
         max_length = self.max_length if max_length is None else max_length
         self._check_max_length(max_length, self.pad_to_multiple_of)
         if padding == "max_length" and truncation is False:
-            raise ValueError(
-                "padding='max_length' always truncates to max_length frames; use padding='longest' to keep whole "
-                "clips."
-            )
+            raise ValueError("padding='max_length' always truncates to max_length frames; use padding='longest' to "
+                             "keep whole clips.")  # fmt: skip
+        if channels not in _CHANNEL_LAYOUTS:
+            raise ValueError(f"channels={channels!r} is not supported; use one of {_CHANNEL_LAYOUTS}.")
         if return_attention_mask is None:
             return_attention_mask = self.return_attention_mask
         if return_attention_mask is None:
             return_attention_mask = padding == "longest"
-
         if sampling_rate is None:
-            logger.warning_once(
-                f"It is strongly recommended to pass the `sampling_rate` argument to `{self.__class__.__name__}()`. "
-                "Failing to do so can result in silent errors that might be hard to debug."
-            )
+            logger.warning(f"No sampling_rate was passed to {self.__class__.__name__}(): the audio is read as "
+                           f"{self.sampling_rate} Hz, and audio at another rate gives wrong features. Pass "
+                           "sampling_rate=.")  # fmt: skip
             sampling_rate = self.sampling_rate
-        elif (
-            isinstance(sampling_rate, bool)
-            or not isinstance(sampling_rate, (int, float, np.number))
-            or sampling_rate <= 0
-        ):
+        elif isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.number)) \
+                or not sampling_rate > 0:  # fmt: skip
             raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate!r}.")
         backend = self._resolve_backend(resample_backend) if sampling_rate != self.sampling_rate else "soxr"
 
-        clips = self._split_batch(raw_speech)
-        waveforms = [self._prepare_clip(clip, i, sampling_rate, backend) for i, clip in enumerate(clips)]
-
-        window, shift, _ = _frame_geometry(self.sampling_rate, self.frame_length_ms, self.frame_shift_ms)
-        frames = [1 + (wave.shape[0] - window) // shift for wave in waveforms]
+        clips = self._split_batch(raw_speech, channels)
+        waveforms = [self._prepare_clip(clip, i, sampling_rate, backend, channels) for i, clip in enumerate(clips)]
+        frames = [self.num_frames(wave.shape[0]) for wave in waveforms]
         if padding == "max_length" or truncation:
             frames = [min(f, max_length) for f in frames]
-        if padding == "max_length":
-            target = max_length
-        else:
-            target = -(-max(frames) // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        # The clips go to the kernel as they are (no padded batch is built): it copies each chunk's samples, minus the
-        # clip mean, into a small buffer. The clip sums it returns are NaN/Inf iff a sample is (or the samples are
-        # huge).
+        multiple = self.pad_to_multiple_of
+        target = max_length if padding == "max_length" else -(-max(frames) // multiple) * multiple
         device = torch.device(device)
-        tensors = [torch.from_numpy(self._readable_array(wave)).to(device) for wave in waveforms]
-        fbank_options: dict[str, Any] = {
-            "sample_rate": float(self.sampling_rate),
-            "num_mel_bins": self.num_mel_bins,
-            "frame_length_ms": self.frame_length_ms,
-            "frame_shift_ms": self.frame_shift_ms,
-            "preemphasis_coefficient": self.preemphasis_coefficient,
-            "low_freq": self.low_freq,
-            "high_freq": self.high_freq,
-            "padding_value": self.padding_value,
-            "normalize": (self.mean, self.std) if self.do_normalize else None,
-            "chunk_frames": self.chunk_frames if device.type == "cpu" else _ACCELERATOR_CHUNK_FRAMES,
-        }
-        fbank, sums = _fbank_of_clips(
-            tensors, frames, target, subtract_clip_means=self.subtract_waveform_mean, **fbank_options
-        )
-        if not bool(torch.isfinite(sums).all()):
-            bad = [row for row, tensor in enumerate(tensors) if not bool(torch.isfinite(tensor).all())]
-            if bad:
-                raise ValueError(
-                    f"clip(s) {bad} contain NaN or Inf samples; clean or drop them (e.g. with np.nan_to_num) before "
-                    "feature extraction."
-                )
-            # Huge but finite samples overflowed a float32 sum: redo with means computed in float64.
-            means = [float(tensor.double().mean()) if self.subtract_waveform_mean else 0.0 for tensor in tensors]
-            fbank, _ = _fbank_of_clips(
-                tensors, frames, target, subtract_clip_means=False, clip_offsets=means, **fbank_options
-            )
-        num_frames = torch.tensor(frames, dtype=torch.int64)
-
-        data: dict[str, Any] = {"input_values": fbank}
+        # Read-only or strided arrays are copied (torch.from_numpy wants writeable memory; nothing writes to it).
+        tensors = [torch.from_numpy(np.require(wave, np.float32, ["C", "W"])).to(device) for wave in waveforms]
+        chunk_frames = self.chunk_frames if device.type == "cpu" else _ACCELERATOR_CHUNK_FRAMES
+        data: dict[str, Any] = {"input_values": _fbank(tensors, frames, target, self, chunk_frames)}
         if return_attention_mask:
-            frame_index = torch.arange(target, device=device)
-            data["attention_mask"] = (frame_index.unsqueeze(0) < num_frames.to(device).unsqueeze(1)).to(torch.int64)
-        return self._to_output(data, output_type)
-
-    @staticmethod
-    def _check_return_tensors(return_tensors: str | TensorType | None) -> TensorType | None:
-        if return_tensors is None:
-            return None
-        try:
-            tensor_type = TensorType(return_tensors)
-        except ValueError:
-            tensor_type = None
-        if tensor_type not in (TensorType.PYTORCH, TensorType.NUMPY):
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None.")
-        return tensor_type
-
-    @staticmethod
-    def _to_output(data: dict[str, torch.Tensor], tensor_type: TensorType | None) -> BatchFeature:
-        """'pt' keeps the tensors (and their device); 'np' gives arrays; None a list of per-clip arrays."""
-        if tensor_type == TensorType.PYTORCH:
+            lengths = torch.tensor(frames, device=device).unsqueeze(1)
+            data["attention_mask"] = (torch.arange(target, device=device).unsqueeze(0) < lengths).to(torch.int64)
+        if return_tensors == "pt":
             return BatchFeature(data)
         arrays = {key: value.cpu().numpy() for key, value in data.items()}
-        if tensor_type == TensorType.NUMPY:
-            return BatchFeature(arrays)
-        return BatchFeature({key: list(value) for key, value in arrays.items()})
+        return BatchFeature(arrays if return_tensors == "np" else {k: list(v) for k, v in arrays.items()})

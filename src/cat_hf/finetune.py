@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .audio import is_audio_file
+from .audio import DEFAULT_SAMPLING_RATE, is_audio_file
 from .augment import AugmentationConfig, Augmenter
 from .data import (
     LABELS_COLUMN,
@@ -75,6 +75,7 @@ from .data import (
     CorpusError,
     build_label_maps,
     collate_skip_bad,
+    _row_ids,
     load_audio_corpus,
     split_corpus,
     validate_corpus,
@@ -93,6 +94,9 @@ MERGED_DIR = "merged"
 PROBLEM_TYPES = ("auto", SINGLE_LABEL, MULTI_LABEL)
 LOSSES = ("auto", "ce", "bce")
 METRICS = ("auto", "accuracy", "mAP")
+PADDINGS = ("longest", "max_length")
+#: `validation_group_by: folder:K` groups clips by the K-th folder above the file.
+FOLDER_GROUP_PREFIX = "folder:"
 #: Layer decay when `layer_decay` is not set: the paper's value for full finetuning, none for LoRA / linear probe.
 DEFAULT_LAYER_DECAY = 0.65
 
@@ -117,21 +121,31 @@ class FinetuneConfig:
         validation_split: a split of `data` (or of `validation_data`) to validate on.
         validation_size: fraction (or number) of training clips held out for validation when neither of the above
             is given.
+        validation_group_by: keep the clips of one group together when holding them out (so the validation set,
+            which picks the best checkpoint, has unseen speakers or sources, like a fair test set): a column of the
+            corpus (e.g. `speaker`), or `folder:K`, the name of the K-th folder above each file (1 = the folder
+            holding it).
         test_data / test_split: optional final test set for `eval_results.json` (default: the validation set).
         audio_column / label_column / tags_separator: passed to `load_audio_corpus`.
         labels: fixed label list (order = class ids); default: the sorted tags of the training corpus.
         problem_type: "auto" (multi-label iff a clip has more than one tag), "single_label_classification" or
             "multi_label_classification".
-        check_audio: read every file's header before training (slow on big corpora; unreadable files are skipped
+        check_audio: decode every file before training, as training will (slow on big corpora; unreadable files are skipped
             during training anyway).
     Model:
         model: pretrained CAT folder or Hub id; None trains `preset` from scratch.
         preset: architecture for from-scratch training (`cat-tiny`, `cat-small`, `cat-base`, `cat-large`).
         feature_preset: feature statistics and length of a CAT recipe ("audioset", "esc50", "speechcommands");
             default: the model folder's feature extractor, else "audioset".
-        max_length: input frames (overrides the feature extractor's).
+        max_length: input frames (overrides the feature extractor's); longer clips are cropped to it in training
+            and scored with sliding windows in evaluation.
+        padding: "longest" (default): each batch is padded to its longest clip with an attention mask, so a 0.2 s
+            clip is scored on its own frames, not in a sea of padding; "max_length": every clip padded to
+            `max_length` frames with the padding visible to the model, as the authors' recipes do (the paper
+            recipes keep it).
         drop_path_rate: stochastic depth of the encoder blocks.
-    Optimisation: max_steps, warmup_steps (optimiser updates), learning_rate, min_learning_rate, weight_decay,
+    Optimisation: max_steps, warmup_steps (optimiser updates), learning_rate, lora_learning_rate (the rate of a LoRA
+        run, which needs a larger one; None: learning_rate), min_learning_rate, weight_decay,
         adam_beta1/adam_beta2/adam_epsilon, layer_decay (None: 0.65 for full finetuning, 1.0 otherwise),
         layer_decay_stem, batch_size (per device), gradient_accumulation_steps, max_grad_norm (None: no clipping),
         mixed_precision ("no", "fp16", "bf16"), activation_checkpointing (recompute each block's activations in the
@@ -142,11 +156,14 @@ class FinetuneConfig:
         roll, gain, noise.
     Sampling: balanced_sampling (clip weight = sum over its tags of 1 / tag count, drawn with replacement),
         samples_per_epoch (clips drawn per epoch with balanced sampling; default: the corpus size).
-    Evaluation: eval_steps, eval_batch_size, metric ("auto": accuracy for single-label, mAP for multi-label).
+    Evaluation: eval_steps, eval_batch_size, metric ("auto": accuracy for single-label, mAP for multi-label),
+        baseline (also fit a logistic regression on the clips' log-mel statistics, `cat_hf.probe`, on the same
+        split and report it beside the model's score).
     Modes: linear_probe; lora with lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save
         (trained in full, saved with the adapter), lora_plus_ratio (LoRA+: the B matrices' lr is that many times
         the A matrices'; 1 = plain LoRA); merge (write a merged copy of the LoRA model to `<output_dir>/merged`).
-    Run: output_dir, overwrite_output_dir, seed, num_workers, logging_steps, report_to (e.g. ["tensorboard"]).
+    Run: output_dir, overwrite_output_dir, seed, num_workers, threads (torch's CPU threads; one per process is
+        fastest where several jobs share a machine), logging_steps, report_to (e.g. ["tensorboard"]).
     """
 
     # data
@@ -155,6 +172,7 @@ class FinetuneConfig:
     validation_data: str | None = None
     validation_split: str | None = None
     validation_size: float | int = 0.1
+    validation_group_by: str | None = None
     test_data: str | None = None
     test_split: str | None = None
     audio_column: str | None = None
@@ -168,11 +186,13 @@ class FinetuneConfig:
     preset: str = "cat-base"
     feature_preset: str | None = None
     max_length: int | None = None
+    padding: str = "longest"
     drop_path_rate: float = 0.1
     # optimisation
     max_steps: int = 1000
     warmup_steps: int = 100
     learning_rate: float = 5e-5
+    lora_learning_rate: float | None = None
     min_learning_rate: float = 1e-6
     weight_decay: float = 0.05
     adam_beta1: float = 0.9
@@ -203,6 +223,7 @@ class FinetuneConfig:
     eval_steps: int = 500
     eval_batch_size: int | None = None
     metric: str = "auto"
+    baseline: bool = True
     # modes
     linear_probe: bool = False
     lora: bool = False
@@ -218,6 +239,7 @@ class FinetuneConfig:
     overwrite_output_dir: bool = False
     seed: int = 0
     num_workers: int = 2
+    threads: int | None = None
     logging_steps: int = 50
     report_to: list[str] = field(default_factory=list)
 
@@ -273,9 +295,9 @@ class FinetuneConfig:
         if not 0 <= self.warmup_steps < self.max_steps:
             fail(f"warmup_steps ({self.warmup_steps}) must be >= 0 and below max_steps ({self.max_steps}); lower "
                  "--warmup-steps (the recipe sets it) or raise --max-steps.")
-        if not 0 < self.learning_rate or not 0 <= self.min_learning_rate <= self.learning_rate:
-            fail(f"Need 0 < learning_rate and 0 <= min_learning_rate <= learning_rate; got {self.learning_rate} and "
-                 f"{self.min_learning_rate}.")  # fmt: skip
+        if not 0 < self.effective_learning_rate() or not 0 <= self.min_learning_rate <= self.effective_learning_rate():
+            fail(f"Need 0 < learning_rate and 0 <= min_learning_rate <= learning_rate; got "
+                 f"{self.effective_learning_rate()} and {self.min_learning_rate}.")  # fmt: skip
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             fail(f"layer_decay must be in (0, 1] (1 = no decay), got {self.layer_decay}.")
         if not 0 <= self.label_smoothing < 1:
@@ -292,6 +314,13 @@ class FinetuneConfig:
             fail("No validation set: give validation_data, validation_split, or a validation_size > 0.")
         if self.feature_preset is not None and self.feature_preset not in FEATURE_PRESETS:
             fail(f"feature_preset={self.feature_preset!r} is not one of {sorted(FEATURE_PRESETS)}.")
+        if self.padding not in PADDINGS:
+            fail(f"padding={self.padding!r} is not one of {PADDINGS}.")
+        if self.threads is not None and self.threads < 1:
+            fail(f"threads must be >= 1, got {self.threads}.")
+        if self.validation_group_by is not None and (self.validation_data is not None or self.validation_split):
+            fail("validation_group_by groups the clips held out of the training corpus; it has no effect with "
+                 "validation_data or validation_split.")
         if self.max_length is not None and (self.max_length < 16 or self.max_length % 16):
             fail(f"max_length must be a positive multiple of 16 frames (one patch), got {self.max_length}.")
         AugmentationConfig(**self.augmentation_kwargs())  # checks the ranges
@@ -299,6 +328,9 @@ class FinetuneConfig:
     def augmentation_kwargs(self) -> dict[str, Any]:
         names = [f.name for f in dataclasses.fields(AugmentationConfig)]
         return {name: getattr(self, name) for name in names}
+
+    def effective_learning_rate(self) -> float:
+        return float(self.lora_learning_rate) if self.lora and self.lora_learning_rate is not None else self.learning_rate
 
     def effective_layer_decay(self) -> float:
         if self.layer_decay is not None:
@@ -425,16 +457,22 @@ def check_single_label(dataset: Any, split_name: str, max_listed: int = 10) -> N
         )
 
 
-def prepare_data(config: FinetuneConfig) -> PreparedData:
-    """Load, split and check all corpora; every failure happens here, before a model is built."""
+def prepare_data(config: FinetuneConfig, sampling_rate: int = DEFAULT_SAMPLING_RATE) -> PreparedData:
+    """Load, split and check all corpora; every failure happens here, before a model is built. `sampling_rate`: the
+    rate the model's feature extractor reads (what `check_audio` decodes to)."""
     check_empty_class_folders(config.data, config.train_split)
     full_train = _load(config, config.data, config.train_split)
     validate_corpus(full_train, labels=config.labels, require_labels=True, check_audio=config.check_audio,
-                    split_name="training")  # fmt: skip
+                    split_name="training", sampling_rate=sampling_rate)  # fmt: skip
     label2id, id2label, detected = build_label_maps(full_train, labels=config.labels)
 
     carved = config.validation_data is None and config.validation_split is None
-    if carved:
+    if carved and config.validation_group_by:
+        grouped, column = with_group_column(full_train, config.validation_group_by)
+        parts = split_corpus(grouped, test_size=config.validation_size, seed=config.seed, by=column)
+        train, validation = (parts[name].remove_columns([column]) if column == GROUP_COLUMN else parts[name]
+                             for name in ("train", "test"))
+    elif carved:
         single = detected == SINGLE_LABEL
         parts = split_corpus(full_train, test_size=config.validation_size, seed=config.seed, stratify=single)
         train, validation = parts["train"], parts["test"]
@@ -444,13 +482,15 @@ def prepare_data(config: FinetuneConfig) -> PreparedData:
         if config.validation_data is not None:
             check_empty_class_folders(config.validation_data, config.validation_split)
         validation = _load(config, source, config.validation_split or "validation")
-        validate_corpus(validation, require_labels=True, check_audio=config.check_audio, split_name="validation")
+        validate_corpus(validation, require_labels=True, check_audio=config.check_audio, split_name="validation",
+                        sampling_rate=sampling_rate)
         check_known_labels(validation, label2id, "validation")
 
     test = None
     if config.test_data is not None or config.test_split is not None:
         test = _load(config, config.test_data or config.data, config.test_split or "test")
-        validate_corpus(test, require_labels=True, check_audio=config.check_audio, split_name="test")
+        validate_corpus(test, require_labels=True, check_audio=config.check_audio, split_name="test",
+                        sampling_rate=sampling_rate)
         check_known_labels(test, label2id, "test")
 
     counts = Counter(tag for tags in _tag_lists(train) for tag in tags)
@@ -483,9 +523,43 @@ def prepare_data(config: FinetuneConfig) -> PreparedData:
 
     summaries = {"train": summary(train), "validation": summary(validation)}
     summaries["validation"]["source"] = "held out of the training corpus" if carved else (config.validation_data or config.data)
+    if carved and config.validation_group_by:
+        summaries["validation"]["grouped_by"] = config.validation_group_by
     if test is not None:
         summaries["test"] = summary(test)
     return PreparedData(train, validation, test, label2id, id2label, problem_type, summaries)
+
+
+#: The column `with_group_column` adds for a `folder:K` grouping (removed again after the split).
+GROUP_COLUMN = "_validation_group"
+
+
+def with_group_column(dataset: Any, group_by: str) -> tuple[Any, str]:
+    """(dataset, column) whose values group the clips for a grouped hold-out: an existing column, or for
+    `folder:K` a new column holding the name of the K-th folder above each clip's file."""
+    if not group_by.startswith(FOLDER_GROUP_PREFIX):
+        if group_by not in dataset.column_names:
+            raise CorpusError(
+                f"validation_group_by={group_by!r} is not a column of the training corpus (columns: "
+                f"{dataset.column_names}); name a column such as speaker, or use '{FOLDER_GROUP_PREFIX}K' to group by "
+                "the K-th folder above each file."
+            )
+        return dataset, group_by
+    level = group_by[len(FOLDER_GROUP_PREFIX):]
+    if not level.isdigit() or int(level) < 1:
+        raise FinetuneConfigError(f"validation_group_by={group_by!r}: write '{FOLDER_GROUP_PREFIX}K' with K >= 1 "
+                                  "(1 = the folder holding each file).")
+    groups = []
+    for row, path in enumerate(_row_ids(dataset)):
+        parents = Path(path).parents
+        if path.startswith("#") or len(parents) <= int(level):
+            raise CorpusError(f"validation_group_by={group_by!r}: clip {row} ({path}) has no folder {level} level(s) "
+                              "up; choose a smaller K or a column.")
+        groups.append(parents[int(level) - 1].name)
+    if len(set(groups)) < 2:
+        raise CorpusError(f"validation_group_by={group_by!r} puts every clip in one group ({groups[0]!r}); a held-out "
+                          "group would leave nothing to train on. Choose another level or column.")
+    return dataset.add_column(GROUP_COLUMN, groups), GROUP_COLUMN
 
 
 def balanced_sample_weights(tag_lists: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -522,7 +596,7 @@ def build_feature_extractor(config: FinetuneConfig) -> CATFeatureExtractor:
             setattr(extractor, key, value)
     if config.max_length is not None:
         extractor.max_length = int(config.max_length)
-    extractor.padding = "max_length"
+    extractor.padding = config.padding
     return extractor
 
 
@@ -724,15 +798,20 @@ def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_ratio: fl
 
 
 def featurize(
-    feature_extractor: CATFeatureExtractor, waveforms: torch.Tensor, lengths: torch.Tensor, device: torch.device
-) -> torch.Tensor:
-    """(B, N) zero-padded waveforms -> (B, max_length, 128) features. Each clip is cut to its real length first, so
-    that short clips are padded in the filter-bank domain, as the original does."""
+    feature_extractor: CATFeatureExtractor, waveforms: torch.Tensor, lengths: torch.Tensor, device: torch.device,
+    padding: str = "max_length",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, N) zero-padded waveforms -> (features (B, T, 128), attention mask (B, T) or None). Each clip is cut to
+    its real length first. "max_length": every clip padded to max_length frames in the filter-bank domain, as the
+    original does, without a mask; "longest": the batch padded to its longest clip (whole patches, at most
+    max_length frames) with the mask of the real frames."""
     window = int(feature_extractor.sampling_rate * feature_extractor.frame_length_ms / 1000)
     clips = [wave[: max(int(n), window)] for wave, n in zip(waveforms.float().cpu(), lengths.tolist())]
-    inputs = feature_extractor(clips, sampling_rate=feature_extractor.sampling_rate, padding="max_length",
-                               return_attention_mask=False, return_tensors="pt", device=device)  # fmt: skip
-    return inputs["input_values"]
+    masked = padding == "longest"
+    inputs = feature_extractor(clips, sampling_rate=feature_extractor.sampling_rate, padding=padding,
+                               truncation=True if masked else None, return_attention_mask=masked,
+                               return_tensors="pt", device=device)  # fmt: skip
+    return inputs["input_values"], inputs.get("attention_mask")
 
 
 def make_targets(labels: torch.Tensor, num_labels: int, problem_type: str, label_smoothing: float) -> torch.Tensor:
@@ -761,9 +840,10 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torc
 class Validator:
     """Scores the validation loader with the run's metric (accuracy via topk_accuracy, mAP via multilabel_tagging)."""
 
-    def __init__(self, metric: str, problem_type: str, num_labels: int):
+    def __init__(self, metric: str, problem_type: str, num_labels: int, padding: str = "max_length"):
         from .metrics import load_metric
 
+        self.padding = padding
         self.metric = metric
         self.problem_type = problem_type
         self.num_labels = num_labels
@@ -776,8 +856,9 @@ class Validator:
         for batch in loader:
             if batch is None:
                 continue
-            features = featurize(feature_extractor, batch["waveform"], batch["length"], accelerator.device)
-            logits = model(input_values=features).logits.float()
+            features, mask = featurize(feature_extractor, batch["waveform"], batch["length"], accelerator.device,
+                                       self.padding)
+            logits = model(input_values=features, attention_mask=mask).logits.float()
             logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
             probabilities = torch.sigmoid(logits) if self.problem_type == MULTI_LABEL else torch.softmax(logits, -1)
             scores.append(probabilities.cpu().numpy())
@@ -814,13 +895,41 @@ def save_checkpoint(model, feature_extractor: CATFeatureExtractor, folder: Path,
     write_folder_atomically(folder, write)
 
 
+def fit_baseline(data: PreparedData, feature_extractor: CATFeatureExtractor, seed: int) -> dict[str, Any]:
+    """The log-mel-statistics logistic regression (`cat_hf.probe.log_mel_baseline`) on the run's own split: fitted on
+    the training clips, its penalty chosen on the validation clips, scored on the test set (else validation)."""
+    from .probe import log_mel_baseline
+
+    def decoded(dataset: Any) -> tuple[list[np.ndarray], np.ndarray]:
+        clips = AudioClipDataset(dataset, clip_samples=None, label2id=data.label2id, problem_type=data.problem_type,
+                                 train=False, sampling_rate=feature_extractor.sampling_rate, max_warnings=0)
+        items = [item for item in (clips[i] for i in range(len(clips))) if item is not None]
+        return [item["waveform"].numpy() for item in items], torch.stack([item["labels"] for item in items]).numpy()
+
+    evaluation = data.test if data.test is not None else data.validation
+    result = log_mel_baseline(decoded(data.train), decoded(evaluation), validation=decoded(data.validation),
+                              multi_label=data.problem_type == MULTI_LABEL, num_classes=len(data.label2id),
+                              feature_extractor=feature_extractor, seed=seed)
+    return {**result, "split": "test" if data.test is not None else "validation"}
+
+
+#: What an evaluation writes beside a model (`cat_hf.evaluation`): it describes that model, so a run that replaces the
+#: model with --overwrite-output-dir removes it rather than leave results of the old model beside the new one.
+EVALUATION_FILE_PATTERNS = ("eval_results.json", "per_class_scores*.csv", "predictions*.csv", "confusion_matrix*.png")
+
+
 def _prepare_output_dir(config: FinetuneConfig) -> Path:
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
-        raise FinetuneConfigError(
-            f"output_dir '{output_dir}' exists and is not empty; choose another output_dir or pass "
-            "overwrite_output_dir (--overwrite-output-dir) to write into it."
-        )
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not config.overwrite_output_dir:
+            raise FinetuneConfigError(
+                f"output_dir '{output_dir}' exists and is not empty; choose another output_dir or pass "
+                "overwrite_output_dir (--overwrite-output-dir) to write into it."
+            )
+        for pattern in EVALUATION_FILE_PATTERNS:
+            for stale in output_dir.glob(pattern):
+                logger.warning("--overwrite-output-dir: removing %s, an evaluation of the model being replaced.", stale)
+                stale.unlink()
     return output_dir
 
 
@@ -857,6 +966,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, FinetuneConfig):
         config = FinetuneConfig.from_dict(config)
     config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     output_dir = _prepare_output_dir(config)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -868,7 +979,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
     started = time.time()
 
     # 1. Data --------------------------------------------------------------------------------------------------
-    data = prepare_data(config)
+    feature_extractor = build_feature_extractor(config)
+    data = prepare_data(config, feature_extractor.sampling_rate)
     num_labels = len(data.label2id)
     loss_kind = config.loss if config.loss != "auto" else ("bce" if data.problem_type == MULTI_LABEL else "ce")
     if loss_kind == "ce" and data.problem_type == MULTI_LABEL:
@@ -882,7 +994,6 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
     )
 
     # 2. Model -------------------------------------------------------------------------------------------------
-    feature_extractor = build_feature_extractor(config)
     model = build_model(config, data, say=accelerator.print)
     num_layers = model.config.num_hidden_layers
     if config.lora:
@@ -896,14 +1007,15 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     # 3. Optimiser ---------------------------------------------------------------------------------------------
     layer_decay = config.effective_layer_decay()
-    groups = build_param_groups(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+    learning_rate = config.effective_learning_rate()
+    groups = build_param_groups(model, learning_rate=learning_rate, weight_decay=config.weight_decay,
                                 layer_decay=layer_decay, num_layers=num_layers, decay_stem=config.layer_decay_stem,
                                 lora_plus_ratio=config.lora_plus_ratio)  # fmt: skip
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
     )  # fmt: skip
-    min_ratio = config.min_learning_rate / config.learning_rate
+    min_ratio = config.min_learning_rate / learning_rate
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
                                               min_ratio=min_ratio),
@@ -937,7 +1049,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
     )
     # The scheduler is stepped by hand once per optimiser update (not per process, as a prepared one would be).
     augmenter = Augmenter(AugmentationConfig(**config.augmentation_kwargs()), seed=config.seed + accelerator.process_index)
-    validator = Validator(metric, data.problem_type, num_labels)
+    validator = Validator(metric, data.problem_type, num_labels, config.padding)
     if config.report_to:
         accelerator.init_trackers("finetune", config={k: v for k, v in dataclasses.asdict(config).items()
                                                       if isinstance(v, (int, float, str, bool))})  # fmt: skip
@@ -959,11 +1071,12 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
             if batch is None:  # every clip of the batch was unreadable
                 continue
             waveforms = augmenter.waveforms(batch["waveform"], batch["length"])
-            features = featurize(feature_extractor, waveforms, batch["length"], accelerator.device)
+            features, mask = featurize(feature_extractor, waveforms, batch["length"], accelerator.device,
+                                       config.padding)
             targets = make_targets(batch["labels"], num_labels, data.problem_type, config.label_smoothing)
-            features, targets = augmenter.features(features, targets.to(features.device))
+            features, targets, mask = augmenter.features(features, targets.to(features.device), mask)
             with accelerator.accumulate(model):
-                logits = model(input_values=features).logits
+                logits = model(input_values=features, attention_mask=mask).logits
                 loss = compute_loss(logits, targets, loss_kind)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
@@ -1062,6 +1175,12 @@ def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
             evaluated, evaluation_set, feature_extractor=extractor, output_dir=output_dir, split=split_name,
             batch_size=config.eval_batch_size or config.batch_size, dataset_name=str(dataset_name),
         )  # fmt: skip
+        if config.baseline:
+            baseline = fit_baseline(data, feature_extractor, config.seed)
+            summary["baseline"] = baseline
+            atomic_write_json(output_dir / SUMMARY_FILE, summary)
+            accelerator.print(f"log-mel statistics baseline on the same split ({baseline['seconds']} s): "
+                              f"{baseline['metric']} {baseline['score']:.4f}")
         result = {**summary, "output_dir": str(output_dir), "eval_results": eval_results["metrics"]}
         if config.merge:
             result["merged_dir"] = str(merge_lora(output_dir, output_dir / MERGED_DIR))
@@ -1089,6 +1208,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validation-split", default=S, help="split of --data (or --validation-data) to validate on")
     group.add_argument("--validation-size", type=_fraction_or_count, default=S,
                        help="fraction or number of training clips held out for validation (default 0.1)")
+    group.add_argument("--validation-group-by", default=S, metavar="COLUMN|folder:K",
+                       help="hold out whole groups (a column such as speaker, or the K-th folder above each file) so "
+                            "that validation, which picks the best checkpoint, has unseen speakers or sources")
     group.add_argument("--test-data", default=S, help="optional test corpus scored into eval_results.json")
     group.add_argument("--test-split", default=S, help="split of --data (or --test-data) used as test set")
     group.add_argument("--audio-column", default=S)
@@ -1097,24 +1219,27 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--labels", type=_comma_list, default=S, help="fixed comma-separated label list (class order)")
     group.add_argument("--problem-type", choices=PROBLEM_TYPES, default=S,
                        help="auto: multi-label iff some clip has more than one tag")
-    group.add_argument("--check-audio", action="store_true", default=S, help="read every file header before training")
+    group.add_argument("--check-audio", action="store_true", default=S, help="decode every file before training and list the unreadable ones")
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=S, help="pretrained CAT folder or Hub id (omit to train --preset from scratch)")
     group.add_argument("--preset", default=S, help="architecture for from-scratch training (cat-tiny ... cat-large)")
     group.add_argument("--feature-preset", choices=sorted(FEATURE_PRESETS), default=S,
                        help="feature statistics and length of a CAT recipe")
     group.add_argument("--max-length", type=int, default=S, help="input frames (multiple of 16)")
+    group.add_argument("--padding", choices=PADDINGS, default=S,
+                       help="longest (default): batches padded to their longest clip with an attention mask; "
+                            "max_length: every clip padded to --max-length, the paper recipes' way")
     group.add_argument("--drop-path-rate", type=float, default=S)
     group = parser.add_argument_group("optimisation")
     for flag, kind in (("--max-steps", int), ("--warmup-steps", int), ("--learning-rate", float),
-                       ("--min-learning-rate", float), ("--weight-decay", float), ("--adam-beta1", float),
+                       ("--min-learning-rate", float), ("--lora-learning-rate", float), ("--weight-decay", float), ("--adam-beta1", float),
                        ("--adam-beta2", float), ("--adam-epsilon", float), ("--layer-decay", float),
                        ("--batch-size", int), ("--gradient-accumulation-steps", int), ("--max-grad-norm", float),
                        ("--label-smoothing", float), ("--mixup-alpha", float), ("--mixup-prob", float),
                        ("--freq-mask-ratio", float), ("--time-mask-ratio", float), ("--samples-per-epoch", int),
                        ("--eval-steps", int), ("--eval-batch-size", int), ("--seed", int), ("--num-workers", int),
                        ("--logging-steps", int), ("--lora-r", int), ("--lora-alpha", int), ("--lora-dropout", float),
-                       ("--lora-plus-ratio", float)):  # fmt: skip
+                       ("--lora-plus-ratio", float), ("--threads", int)):  # fmt: skip
         group.add_argument(flag, type=kind, default=S)
     group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=S)
     group.add_argument("--loss", choices=LOSSES, default=S, help="auto: ce for single-label, bce for multi-label")
@@ -1124,6 +1249,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                             ("gain", "random waveform gain Beta(10,10)+0.5"),
                             ("noise", "feature noise + frame shift (Speech Commands recipe)"),
                             ("balanced-sampling", "draw clips with inverse-label-frequency weights"),
+                            ("baseline", "also fit a log-mel-statistics logistic regression on the same split "
+                                         "(default on)"),
                             ("activation-checkpointing", "recompute block activations in the backward pass (less memory)"),
                             ("linear-probe", "freeze the encoder; train fc_norm + classifier only"),
                             ("lora", "train LoRA adapters (see cat_hf.lora) + the head"),

@@ -6,8 +6,10 @@ record (`training_summary.json`, or the Trainer's `training_args.json` / `traine
 `train_results.json`) and measured evaluations (`eval_results.json`). Only what was measured goes into the
 card's `model-index`: no evaluation file, no results.
 
-`push_folder` checks the folder is loadable, creates the repo (and branch), and uploads everything plus the
-card in ONE commit. The card travels in memory: the local folder is never modified, also when a push fails.
+`push_folder` checks the folder is loadable and its weights undamaged, creates the repo (and branch), and uploads
+everything plus the card in ONE commit. The card travels in memory: the local folder is never modified, also when a
+push fails. Every request has a timeout (`timeout=`, `--timeout`; huggingface_hub's client has none), so an
+endpoint that accepts the connection and never answers ends the push with an error instead of a hang.
 
 `eval_results.json` (`cat-hf evaluate` writes it) is one object or a list of them; other keys are ignored::
 
@@ -48,6 +50,8 @@ TEMPLATE_PACKAGE = "cat_hf.model_cards"
 _SOURCE_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 
 EVAL_RESULTS_FILE = "eval_results.json"
+#: Seconds `push_folder` waits for the Hub per request (connect, each read and write) before giving up.
+DEFAULT_TIMEOUT_S = 60.0
 TRAINING_SUMMARY_FILE = "training_summary.json"
 # Training records, most specific first: our own summary, then what transformers' Trainer writes.
 TRAINING_RECORD_FILES = (TRAINING_SUMMARY_FILE, "training_args.json", "trainer_state.json", "train_results.json",
@@ -228,7 +232,7 @@ def check_model_folder(folder: str | os.PathLike) -> str:
                 f"{folder} has adapter_config.json but no adapter_model.safetensors; save the adapter with "
                 "PeftModel.save_pretrained(folder) (safetensors is its default)."
             )
-        _safetensors_parameter_count(weights)
+        _check_weights(weights)
         return "adapter"
     if not (folder / "config.json").is_file():
         raise ModelFolderError(
@@ -247,8 +251,20 @@ def check_model_folder(folder: str | os.PathLike) -> str:
             "model.save_pretrained(folder, safe_serialization=True)."
         )
     for path in weights:
-        _safetensors_parameter_count(path)
+        _check_weights(path)
     return "model"
+
+
+def _check_weights(path: Path) -> None:
+    """The file is whole (header, size) and its values are ones a trained model holds (no NaN/inf, nothing beyond
+    the float16 range: what overwritten bytes become), so a damaged file is never published."""
+    from .files import DamagedFileError, check_safetensors_values
+
+    _safetensors_parameter_count(path)
+    try:
+        check_safetensors_values(path)
+    except DamagedFileError as error:
+        raise ModelFolderError(str(error)) from error
 
 
 # ----------------------------------------------------------------------------------------------- card pieces
@@ -450,7 +466,8 @@ def _training_section(folder: Path, kind: str) -> str:
 
 def read_eval_results(folder: str | os.PathLike, default_task: str, default_dataset: str | None = None) -> list[dict]:
     """Measured evaluations from eval_results.json, normalised to
-    [{"task", "dataset_name", "dataset_type", "dataset_split", "dataset_config", "metrics": {name: value}}]."""
+    [{"task", "dataset_name", "dataset_type", "dataset_split", "dataset_config", "metrics": {name: value},
+    "num_examples", "files": {kind: file name}}], one per result (cat-hf evaluate keeps one per dataset and split)."""
     path = Path(folder) / EVAL_RESULTS_FILE
     data = _read_json_if_present(path)
     if data is None:
@@ -480,8 +497,10 @@ def read_eval_results(folder: str | os.PathLike, default_task: str, default_data
             name = _public_text(dataset or default_dataset, note=False)
             info = {"dataset_name": name, "dataset_type": name, "dataset_split": entry.get("split"),
                     "dataset_config": None}
+        files = entry.get("files") if isinstance(entry.get("files"), dict) else {}
         results.append({"task": entry.get("task") or default_task, **info, "metrics": metrics,
-                        "num_examples": entry.get("num_examples") or entry.get("eval_samples")})
+                        "num_examples": entry.get("num_examples") or entry.get("eval_samples"),
+                        "files": {kind: str(name) for kind, name in files.items() if isinstance(name, str)}})
     return results
 
 
@@ -502,11 +521,16 @@ def _evaluation_section(results: list[dict], folder: Path) -> str:
     table = "\n".join(["| Data | Metric | Value |", "|---|---|---|", *rows])
     text = f"Measured with this checkpoint (`{EVAL_RESULTS_FILE}`):\n\n{table}"
     extras = []
-    if (folder / "per_class_scores.csv").is_file():
-        extras.append("Per-class scores: [`per_class_scores.csv`](per_class_scores.csv).")
-    if (folder / "confusion_matrix.png").is_file():
-        extras.append("![Confusion matrix](confusion_matrix.png)")
-    return "\n\n".join([text, *extras])
+    for r in results:  # each result's own files (cat-hf evaluate names them per dataset and split)
+        plain = {"per_class": "per_class_scores.csv", "confusion_matrix": "confusion_matrix.png"}
+        files = {**plain, **(r.get("files") or {})} if len(results) == 1 else r.get("files") or {}
+        what = f" ({r['dataset_name']}, {r['dataset_split']})" if len(results) > 1 and r.get("dataset_name") else ""
+        per_class, confusion = files.get("per_class"), files.get("confusion_matrix")
+        if per_class and (folder / per_class).is_file() and "/" not in per_class:
+            extras.append(f"Per-class scores{what}: [`{per_class}`]({per_class}).")
+        if confusion and (folder / confusion).is_file() and "/" not in confusion:
+            extras.append(f"![Confusion matrix{what}]({confusion})")
+    return "\n\n".join([text, *dict.fromkeys(extras)])
 
 
 def _slug(text: str) -> str:
@@ -880,10 +904,14 @@ def _step(step: str, repo_id: str, folder: Path, endpoint: str):
     except Exception as e:
         module = type(e).__module__.split(".")[0]
         if module in ("httpx", "httpx2", "requests", "urllib3") or isinstance(e, (ConnectionError, TimeoutError)):
+            if "Timeout" in type(e).__name__:
+                what = (f"the Hub at {endpoint} did not answer in time ({type(e).__name__}: {e or 'no reply'}). Check "
+                        "the network, HF_ENDPOINT or --endpoint, or wait longer with --timeout SECONDS.")
+            else:
+                what = (f"could not reach the Hub at {endpoint} ({type(e).__name__}: {e}). Check the network, "
+                        "HF_ENDPOINT or --endpoint.")
             raise HubPushError(
-                f"Pushing {folder} to {repo_id} failed at step '{step}': could not reach the Hub at {endpoint} "
-                f"({type(e).__name__}: {e}). Check the network, HF_ENDPOINT or --endpoint. The local folder was not "
-                "modified.",
+                f"Pushing {folder} to {repo_id} failed at step '{step}': {what} The local folder was not modified.",
                 step=step,
             ) from e
         raise
@@ -922,15 +950,52 @@ def push_folder(
     card_kind: str | None = None,
     endpoint: str | None = None,
     overwrite_card: bool = False,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
 ) -> PushResult:
     """Upload a saved model / adapter folder and its model card to the Hub as one commit.
 
     The README.md is rendered from the folder (or kept, when the folder holds a README.md that the user wrote,
     unless overwrite_card=True) and sent from memory: the local folder is never modified. `revision` names a
     branch, created from main when missing (unless create_branch=False). `endpoint` defaults to HF_ENDPOINT.
-    Raises ModelFolderError for a folder that cannot be loaded and HubPushError (with the failing step and HTTP
-    status) when a Hub request fails.
+    `timeout`: seconds to wait for the Hub to connect, answer or accept data, per request (None: forever; the
+    client's own default is to wait forever). Raises ModelFolderError for a folder that cannot be loaded or holds
+    damaged weights, and HubPushError (with the failing step and HTTP status) when a Hub request fails or times out.
     """
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}.")
+    with _request_timeout(timeout):
+        return _push_folder(folder, repo_id, private=private, revision=revision, create_branch=create_branch,
+                            token=token, commit_message=commit_message, dry_run=dry_run, card_kind=card_kind,
+                            endpoint=endpoint, overwrite_card=overwrite_card)
+
+
+@contextlib.contextmanager
+def _request_timeout(seconds: float | None):
+    """While pushing, huggingface_hub's shared HTTP clients (they wait forever by default, and a client closed after
+    a connection error is rebuilt by the factory) get `seconds` as their connect / read / write / pool timeout.
+    A timeout set by the user's own client factory is kept."""
+    from huggingface_hub.utils import _http, set_client_factory
+
+    if seconds is None:
+        yield
+        return
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory():
+        client = previous()
+        if client.timeout.read is None and client.timeout.connect is None:
+            client.timeout = type(client.timeout)(seconds)
+        return client
+
+    set_client_factory(factory)  # closes the shared client, so the next request builds one with the timeout
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def _push_folder(folder, repo_id, *, private, revision, create_branch, token, commit_message, dry_run, card_kind,
+                 endpoint, overwrite_card) -> PushResult:
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -1037,6 +1102,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite-card", action="store_true",
                         help="replace a README.md you wrote in the folder with a generated card (in the upload only)")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help=f"give up when the Hub does not connect, answer or take data for this long, per request "
+                             f"(default {DEFAULT_TIMEOUT_S:g})")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -1053,6 +1121,7 @@ def run_cli(args: argparse.Namespace) -> int:
             card_kind=args.card_kind,
             endpoint=args.endpoint,
             overwrite_card=args.overwrite_card,
+            timeout=args.timeout,
         )
     except (ValueError, HubPushError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,9 +13,8 @@ Layout conventions (they are what makes converted checkpoints exact):
 - the stem's maps are NCHW in channels-last memory; its LayerNorms normalise the channel axis.
 """
 
-from __future__ import annotations
-
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput, SequenceClassifierOutput
-from transformers.utils import logging
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, is_tracing, logging
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_cat import CATConfig
 
@@ -51,6 +56,25 @@ class CATModelOutput(BaseModelOutputWithPooling):
 
     mlp_outputs: tuple[torch.FloatTensor, ...] | None = None
     token_padding_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class CATFrameClassifierOutput(ModelOutput):
+    """
+    loss: masked multi-label BCE over the real frames (when `labels` are given).
+    logits: (batch, frames, num_labels) per-frame logits on the label grid (`config.frame_label_hop_ms`).
+    frame_times: (frames,) centre of every label frame in ms from the input's first sample
+        (`config.frame_label_centre_ms`); rows past a clip's end are flagged by `frame_mask`.
+    frame_mask: (batch, frames) bool, True for frames of real (not padded) time patches.
+    hidden_states, attentions: as for `CATModel`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    frame_times: torch.FloatTensor | None = None
+    frame_mask: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -145,37 +169,35 @@ def _nearest_index(size: int, factor: int, limit: int, device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fast pointwise layers on CPU
+# Linear products on CPU
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _use_onednn(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        and not torch.is_autocast_enabled("cpu") and x.numel() >= 64 * x.shape[-1]
-    )
-
-
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for weight (out, in) or a 1x1 convolution's (out, in, 1, 1).
+    """`F.linear(x, weight, bias)` for a weight (out, in) or a 1x1 convolution's (out, in, 1, 1).
 
-    On CPU in float32 the rows run as a 1x1 convolution over a channels-last view, which oneDNN executes 1.3-2.5x
-    faster than the BLAS GEMM behind `F.linear` on the CPUs we measured (forward and backward; benchmarks/);
-    elsewhere it is `F.linear`. Results agree to float32 rounding.
+    On CPU in float32 (outside autocast) the rows run as a 1x1 convolution over a channels-last view, which oneDNN
+    runs faster than the BLAS GEMM behind `F.linear` (benchmarks/bench_linear_layers.py: CAT-base inference ~10 %).
     """
     weight = weight.flatten(1) if weight.ndim == 4 else weight
-    if not _use_onednn(x):
+    onednn = (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+              and not torch.is_autocast_enabled("cpu") and x.numel() >= 64 * x.shape[-1])
+    if not onednn:
         return F.linear(x, weight, bias)
     rows = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)  # (1, in, N, 1), channels-last: no copy
     out = F.conv2d(rows, weight[:, :, None, None], bias)
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
-class CATLinear(nn.Linear):
-    """`nn.Linear` (same parameters, PEFT/LoRA-compatible) that runs through `pointwise` on CPU."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pointwise(x, self.weight, self.bias)
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, computed by `pointwise` when nothing can tell the difference: a plain `nn.Linear` with a plain
+    weight, no hooks and no patched forward, outside tracing, compiling and export. A layer replaced or wrapped by
+    tooling (dynamic quantisation, PEFT/LoRA, hooks) and every traced or exported graph run `module(x)` itself, so
+    they see an ordinary linear layer."""
+    if (type(module) is nn.Linear and type(module.weight) is nn.Parameter and not module._forward_hooks
+            and not module._forward_pre_hooks and "forward" not in module.__dict__ and not is_tracing(x)):
+        return pointwise(x, module.weight, module.bias)
+    return module(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +279,7 @@ class CATMultiResolutionStem(nn.Module):
             nn.Conv2d(channels[i], config.hidden_size, kernel_size=self.patch_size // r, stride=self.patch_size // r)
             for i, r in enumerate(self.resolutions[:-1])
         )
-        self.token_proj = CATLinear(config.hidden_size, config.hidden_size)
+        self.token_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, spectrogram: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """spectrogram (B, 1, T, F), keep (B, T/16, F/16) token keep map or None -> tokens (B, N, D), time-major."""
@@ -276,7 +298,7 @@ class CATMultiResolutionStem(nn.Module):
             for block in self.blocks[i]:
                 x = block(x, cell_keep)
             stage_tokens.append(_grid_to_tokens(self.stage_projections[i](x)))
-        tokens = self.token_proj(_grid_to_tokens(x))
+        tokens = linear(self.token_proj, _grid_to_tokens(x))
         for extra in stage_tokens:
             tokens = tokens + extra
         return tokens
@@ -378,10 +400,22 @@ class CATEmbeddings(nn.Module):
         )
         self.context_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def patch_tokens(self, spectrogram: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1, T, F) -> patch tokens with positions (B, T/16 * F/16, D)."""
+    def patch_tokens(
+        self, spectrogram: torch.Tensor, keep: torch.Tensor | None = None, first_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 1, T, F) -> patch tokens with positions (B, T/16 * F/16, D).
+
+        first_rows: optional (B,) time patch where each clip starts (left padding by whole patches): its patches
+        then get the positions they have alone, from 0 (the padding patches before it get position 0 too).
+        """
         tokens = self.stem(spectrogram, keep)
-        return tokens + self.position_embeddings[:, : tokens.shape[1]].to(tokens.dtype)
+        if first_rows is None:
+            return tokens + self.position_embeddings[:, : tokens.shape[1]].to(tokens.dtype)
+        freq = self.config.frequency_patches
+        rows = torch.arange(tokens.shape[1] // freq, device=tokens.device)
+        rows = (rows[None, :] - first_rows[:, None]).clamp(min=0)
+        index = (rows[:, :, None] * freq + torch.arange(freq, device=tokens.device)).flatten(1)
+        return tokens + self.position_embeddings[0, index].to(tokens.dtype)
 
     def visible_patch_tokens(self, spectrogram: torch.Tensor, kept_ids: torch.Tensor) -> torch.Tensor:
         """Patch tokens with positions of the kept patches only, (B, K, D) in `kept_ids` order (masked pretraining).
@@ -420,57 +454,80 @@ class CATDropPath(nn.Module):
         return x * mask / keep
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns its probabilities. `attention_mask`: None, a bool mask (True = attend)
+    or an additive float mask, broadcastable to (B, heads, N, N). Returns (B, N, heads, head_dim) and the weights."""
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(F.dropout(weights, dropout, module.training), value)
+    return output.transpose(1, 2).contiguous(), weights
+
+
 class CATAttention(nn.Module):
+    """Multi-head self-attention through transformers' attention registry (`config._attn_implementation`: eager,
+    sdpa, flash_attention_*, flex_attention). Asked for its probabilities (`output_attentions=True`), it runs the
+    eager function whatever the implementation: the fused kernels do not return them."""
+
     def __init__(self, config: CATConfig):
         super().__init__()
         self.config = config
-        self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
-        self.q_proj = CATLinear(config.hidden_size, config.hidden_size)
-        self.k_proj = CATLinear(config.hidden_size, config.hidden_size)
-        self.v_proj = CATLinear(config.hidden_size, config.hidden_size)
-        self.o_proj = CATLinear(config.hidden_size, config.hidden_size)
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """attention_mask: (B, 1, 1, N) bool, True = attend (keys only)."""
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            scores = torch.matmul(q * self.scaling, k.transpose(-1, -2))
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-            context = torch.matmul(F.dropout(weights, dropout, self.training), v)
-        else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling)
-        context = context.transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(context), weights
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = linear(self.q_proj, hidden_states).view(shape).transpose(1, 2)
+        key = linear(self.k_proj, hidden_states).view(shape).transpose(1, 2)
+        value = linear(self.v_proj, hidden_states).view(shape).transpose(1, 2)
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, weights = attention(
+            self, query, key, value, attention_mask, dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling, **kwargs,
+        )
+        return linear(self.o_proj, output.reshape(*hidden_states.shape[:-1], -1)), weights
 
 
 class CATMLP(nn.Module):
+    """fc1 -> `config.hidden_act` (GELU, exact, in every CAT checkpoint) -> dropout -> fc2. Its output, before the
+    residual add, is what the pretraining targets average (recorded as `mlp_outputs`)."""
+
     def __init__(self, config: CATConfig):
         super().__init__()
-        self.fc1 = CATLinear(config.hidden_size, config.intermediate_size)
-        self.act = nn.GELU()
-        self.fc2 = CATLinear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(self.act(self.fc1(x))))
+        return linear(self.fc2, self.dropout(self.act(linear(self.fc1, x))))
 
 
 class CATLayer(GradientCheckpointingLayer):
-    """Post-LN block (data2vec 2.0): x = LN1(x + attn(x)); t = MLP(x); x = LN2(x + t). Returns t too: the
-    teacher's `t` of every block is what pretraining regresses."""
+    """Post-LN block (data2vec 2.0): x = LN1(x + attn(x)); x = LN2(x + MLP(x))."""
 
     def __init__(self, config: CATConfig, drop_path: float = 0.0):
         super().__init__()
@@ -481,12 +538,14 @@ class CATLayer(GradientCheckpointingLayer):
         self.drop_path = CATDropPath(drop_path)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
-        attended, weights = self.attention(hidden_states, attention_mask, output_attentions)
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attended, _ = self.attention(hidden_states, attention_mask, **kwargs)
         hidden_states = self.norm1(hidden_states + self.drop_path(self.dropout(attended)))
         mlp_output = self.mlp(hidden_states)
-        hidden_states = self.norm2(hidden_states + self.drop_path(self.dropout(mlp_output)))
-        return hidden_states, mlp_output, weights
+        return self.norm2(hidden_states + self.drop_path(self.dropout(mlp_output)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,7 +560,17 @@ class CATPreTrainedModel(PreTrainedModel):
     main_input_name = "input_values"
     input_modalities = ("audio",)
     supports_gradient_checkpointing = True
+    # Plain bidirectional attention with a key-padding mask built by `create_bidirectional_mask`, every keyword
+    # argument passed through to the attention function: any registered implementation applies.
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": CATLayer,
+        "attentions": CATAttention,
+        "mlp_outputs": OutputRecorder(CATMLP, index=0),
+    }
     _no_split_modules = ["CATLayer", "CATEmbeddings"]
     # The stem is the model's "input embeddings": `enable_input_require_grads` (which PEFT calls for adapters with
     # gradient checkpointing) hooks it, so that reentrant checkpointing of frozen blocks still reaches the adapters.
@@ -517,14 +586,16 @@ class CATPreTrainedModel(PreTrainedModel):
         return self.is_activation_checkpointing
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Lists every CAT head in `auto_map`, so that one folder serves AutoModel, AutoModelForAudioClassification
-        and AutoModelForPreTraining for `trust_remote_code=True` users (transformers only adds the saved class)."""
+        """Lists every CAT head in `auto_map`, so that one folder serves AutoModel, AutoModelForAudioClassification,
+        AutoModelForAudioFrameClassification and AutoModelForPreTraining for `trust_remote_code=True` users
+        (transformers only adds the saved class)."""
         module = CATModel.__module__.split(".")[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoConfig", f"{CATConfig.__module__.split('.')[-1]}.CATConfig")
         auto_map.update({
             "AutoModel": f"{module}.CATModel",
             "AutoModelForAudioClassification": f"{module}.CATForAudioClassification",
+            "AutoModelForAudioFrameClassification": f"{module}.CATForAudioFrameClassification",
             "AutoModelForPreTraining": f"{module}.CATForPreTraining",
         })
         self.config.auto_map = auto_map
@@ -590,9 +661,7 @@ def _as_spectrogram(input_values: torch.Tensor, config: CATConfig) -> torch.Tens
     return input_values
 
 
-def _check_attention_mask(attention_mask: torch.Tensor, spectrogram: torch.Tensor) -> None:
-    """The mask must cover the input frame by frame and mark real frames first (right padding), as the feature
-    extractor returns it: the model reads only how many frames of each row are real."""
+def _check_attention_mask_shape(attention_mask: torch.Tensor, spectrogram: torch.Tensor) -> None:
     batch, frames = spectrogram.shape[0], spectrogram.shape[2]
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, frames):
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
@@ -600,12 +669,47 @@ def _check_attention_mask(attention_mask: torch.Tensor, spectrogram: torch.Tenso
             f"attention_mask has shape {shape}, but input_values has {batch} clips of {frames} frames: pass the "
             f"({batch}, {frames}) mask over frames that CATFeatureExtractor returns with them."
         )
-    real_after_padding = (attention_mask[:, 1:] > attention_mask[:, :-1]).any(dim=1)
-    if bool(real_after_padding.any()):
-        rows = real_after_padding.nonzero().flatten().tolist()
+
+
+def _check_values(spectrogram: torch.Tensor, attention_mask: torch.Tensor | None, patch_size: int) -> None:
+    """Checks of the input's values, run in eager mode only (they read tensor values, which traced, compiled and
+    exported graphs cannot branch on): finite features; a mask of 0/1 (or bool) that marks one run of real frames,
+    preceded by whole patches of padding or none."""
+
+    def rows(flags: torch.Tensor) -> list[int]:
+        return flags.nonzero().flatten().tolist()[:5]
+
+    finite = torch.isfinite(spectrogram).flatten(1).all(dim=1)
+    if not bool(finite.all()):
         raise ValueError(
-            f"attention_mask rows {rows[:5]} have padding before real frames; CAT takes right-padded batches (real "
-            "frames first, as CATFeatureExtractor pads them)."
+            f"input_values rows {rows(~finite)} hold NaN or infinite values, which would make every output NaN; "
+            "check the audio (CATFeatureExtractor rejects non-finite samples) or the features you computed."
+        )
+    if attention_mask is None:
+        return
+    if attention_mask.dtype != torch.bool:
+        odd = (attention_mask != 0) & (attention_mask != 1)
+        if bool(odd.any()):
+            raise ValueError(
+                f"attention_mask rows {rows(odd.any(dim=1))} hold {attention_mask[odd][0].item()!r}: it must be 1 for "
+                "real frames and 0 for padding (or a bool mask), as CATFeatureExtractor returns it."
+            )
+    real = attention_mask.bool()
+    runs = real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)
+    if bool((runs > 1).any()):
+        raise ValueError(
+            f"attention_mask rows {rows(runs > 1)} have padding between real frames; a mask marks one run of real "
+            "frames per clip (CATFeatureExtractor pads after them)."
+        )
+    first = real.long().argmax(dim=1)
+    misaligned = (first % patch_size != 0) & real.any(dim=1)
+    if bool(misaligned.any()):
+        raise ValueError(
+            f"attention_mask rows {rows(misaligned)} have padding before real frames that is not a whole number of "
+            f"patches ({first[misaligned][0].item()} frames, not a multiple of {patch_size}). CAT's patch grid and "
+            "positions are absolute, so such a clip cannot give the output it gives alone. Pass right-padded batches "
+            "(real frames first, as CATFeatureExtractor pads them) or left-pad by whole patches of "
+            f"{patch_size} frames."
         )
 
 
@@ -619,6 +723,10 @@ class CATModel(CATPreTrainedModel):
     patch row with any real frame counts as real: `CATFeatureExtractor(padding="longest")` pads a clip to whole
     patches with its mask, so that a 29-frame clip has 2 time patches alone and in any batch (unpadded, without a
     mask, it has floor(29 / 16) = 1, as in the original).
+
+    Padding goes after the real frames (right padding), or before them by whole patches of 16 frames: the clip's
+    patches then get the positions they have alone, so the result is exact. Left padding by part of a patch would
+    shift the clip against the patch grid and cannot give the clip's own output, so it is refused (eager mode).
     """
 
     def __init__(self, config: CATConfig):
@@ -630,72 +738,61 @@ class CATModel(CATPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def token_padding_mask(self, attention_mask: torch.Tensor, time_patches: int) -> torch.Tensor:
-        """Frame mask (B, T) -> patch-row validity (B, time_patches): a row is valid if any of its frames is."""
+    def real_time_patches(self, attention_mask: torch.Tensor, time_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame mask (B, T) -> ((B, time_patches) bool, True for patches holding a real frame; (B,) index of each
+        clip's first patch). Computed from the first real frame and the count of real frames, so it traces."""
         patch = self.config.patch_size
-        valid_rows = (attention_mask.sum(-1, keepdim=True) + patch - 1) // patch
-        return torch.arange(time_patches, device=attention_mask.device)[None, :] < valid_rows
+        real = attention_mask.bool()
+        first = real.long().argmax(dim=1)  # 0 for a row without real frames
+        start = torch.div(first, patch, rounding_mode="floor")
+        end = torch.div(first + real.sum(dim=1) + patch - 1, patch, rounding_mode="floor")
+        index = torch.arange(time_patches, device=attention_mask.device)[None, :]
+        return (index >= start[:, None]) & (index < end[:, None]), start
 
-    def encode(self, hidden_states, attention_mask=None, output_attentions=False, output_hidden_states=False,
-               output_mlp_outputs=False):
-        """Run the blocks on an embedded sequence; returns (last, hidden_states, attentions, mlp_outputs)."""
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        all_attn = () if output_attentions else None
-        all_mlp = () if output_mlp_outputs else None
+    def encode(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs: Unpack[TransformersKwargs]):
+        """Run the blocks on an embedded sequence (B, N, D); `attention_mask` in the attention function's format."""
         for layer in self.layers:
-            hidden_states, mlp_output, weights = layer(hidden_states, attention_mask, output_attentions)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            if output_attentions:
-                all_attn += (weights,)
-            if output_mlp_outputs:
-                all_mlp += (mlp_output,)
-        return hidden_states, all_hidden, all_attn, all_mlp
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return hidden_states
 
+    @capture_outputs
     def forward(
         self,
         input_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_mlp_outputs: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CATModelOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CATModelOutput:
         r"""
         input_values: (batch, frames, mel_bins) normalised log-mel frames from `CATFeatureExtractor`.
         attention_mask: optional (batch, frames), 1 for real frames, 0 for padding.
-        output_mlp_outputs: also return every block's MLP output before its residual (pretraining targets).
+        output_hidden_states / output_attentions: also return the input of the first block and every block's output /
+            every block's attention probabilities (computed by the eager function whatever the implementation).
+        output_mlp_outputs: also return every block's MLP output before its residual (the pretraining targets).
         """
         config = self.config
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = config.return_dict if return_dict is None else return_dict
         spectrogram = _as_spectrogram(input_values, config).to(self.embeddings.cls_token.dtype)
-
-        time_patches = spectrogram.shape[2] // config.patch_size
-        freq_patches = config.frequency_patches
-        keep = key_mask = padding = None
         if attention_mask is not None:
-            _check_attention_mask(attention_mask, spectrogram)
-            valid_rows = self.token_padding_mask(attention_mask, time_patches)
-            keep = valid_rows[:, :, None].expand(-1, -1, freq_patches)
-            extra = valid_rows.new_ones(valid_rows.shape[0], config.num_extra_tokens)
-            valid_tokens = torch.cat([extra, keep.flatten(1)], dim=1)
-            padding = ~valid_tokens
-            key_mask = valid_tokens[:, None, None, :]
+            _check_attention_mask_shape(attention_mask, spectrogram)
+        if not is_tracing(spectrogram):
+            _check_values(spectrogram, attention_mask, config.patch_size)
 
-        hidden_states = self.embeddings.add_extra_tokens(self.embeddings.patch_tokens(spectrogram, keep))
-        last, all_hidden, all_attn, all_mlp = self.encode(
-            hidden_states, key_mask, output_attentions, output_hidden_states, output_mlp_outputs
-        )
+        keep = first_rows = padding = mask = None
+        if attention_mask is not None:
+            real_rows, first_rows = self.real_time_patches(attention_mask, spectrogram.shape[2] // config.patch_size)
+            keep = real_rows[:, :, None].expand(-1, -1, config.frequency_patches)  # (B, T', F) for the stem
+            # Time-major per token, by indexing: flattening the expanded map would stop exports with a dynamic length.
+            real_patches = real_rows[:, torch.arange(keep[0].numel(), device=keep.device) // config.frequency_patches]
+            real_tokens = torch.cat([real_rows.new_ones(real_rows.shape[0], config.num_extra_tokens), real_patches], 1)
+            padding = ~real_tokens
+        hidden_states = self.embeddings.add_extra_tokens(self.embeddings.patch_tokens(spectrogram, keep, first_rows))
+        if kwargs.get("output_attentions", config.output_attentions):
+            kwargs["output_attentions"] = True  # the blocks then run the eager function, which takes this bool mask
+            mask = None if padding is None else real_tokens[:, None, None, :]
+        elif padding is not None:
+            mask = create_bidirectional_mask(config=config, inputs_embeds=hidden_states, attention_mask=real_tokens)
+        last = self.encode(hidden_states, mask, **kwargs)
         pooled = self.pool(last, padding)
-        if not return_dict:
-            return tuple(v for v in (last, pooled, all_hidden, all_attn, all_mlp) if v is not None)
-        return CATModelOutput(
-            last_hidden_state=last, pooler_output=pooled, hidden_states=all_hidden, attentions=all_attn,
-            mlp_outputs=all_mlp, token_padding_mask=padding,
-        )
+        return CATModelOutput(last_hidden_state=last, pooler_output=pooled, token_padding_mask=padding)
 
     def pool(self, last_hidden_state: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         """CLS token, the mean of the (valid) patch tokens, or their linear-softmax pooling (`config.pooling`)."""
@@ -735,55 +832,101 @@ class CATForAudioClassification(CATPreTrainedModel):
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.classifier_norm_eps) if config.use_fc_norm else nn.Identity()
         )
-        self.classifier = CATLinear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
         r"""
         labels: (batch,) class indices for single-label, (batch, num_labels) multi-hot floats for multi-label
             tagging, or (batch,) / (batch, 1) floats for regression. The loss follows `config.problem_type`
-            (inferred from the labels when unset, as transformers does). Unknown keyword arguments (as PEFT and
-            Trainer pass) are ignored.
+            (inferred from the labels when unset, as transformers does). Other keyword arguments (as PEFT and
+            Trainer pass) go to the encoder and the loss, which ignore those they do not use.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.cat(
-            input_values, attention_mask=attention_mask, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
-        )
+        outputs = self.cat(input_values, attention_mask=attention_mask, return_dict=True, **kwargs)
         logits = self.classifier(self.fc_norm(outputs.pooler_output))
-        loss = self.compute_loss(logits, labels) if labels is not None else None
-        if not return_dict:
-            rest = tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss, logits) if loss is not None else (logits,)) + rest
+        loss = None if labels is None else self.compute_loss(logits, labels, **kwargs)
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.to(logits.device)
-        if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            return F.mse_loss(logits.float(), labels.float().view(logits.shape))
-        if self.config.problem_type == "single_label_classification":
-            if labels.ndim == 2 and labels.is_floating_point():  # soft targets (mixup, label smoothing)
-                return -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-            return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """transformers' classification loss (`self.loss_function`) in float32, plus soft targets: (batch, num_labels)
+        float labels with problem_type single_label_classification (mixup, label smoothing) give the cross-entropy
+        with those distributions."""
+        logits, labels = logits.float(), labels.to(logits.device)
+        problem = self.config.problem_type
+        if problem == "single_label_classification" and labels.ndim == 2 and labels.is_floating_point():
+            return -(labels * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        if problem in ("regression", "multi_label_classification") or self.num_labels == 1:
+            labels = labels.float()
+        return self.loss_function(labels, logits, self.config, **kwargs)
+
+
+class CATForAudioFrameClassification(CATPreTrainedModel):
+    """CAT encoder + a per-frame head for sound event detection: the frequency tokens of every time patch are
+    averaged, normalised (fc_norm) and projected to `num_labels` logits, one row per 160 ms patch; with
+    `config.frame_label_hop_ms` finer than the patch hop, each patch's logits are repeated on that label grid.
+    The loss is multi-label BCE over the frames of real (not padded) patches."""
+
+    def __init__(self, config: CATConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cat = CATModel(config)
+        self.fc_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.classifier_norm_eps) if config.use_fc_norm else nn.Identity()
+        )
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CATFrameClassifierOutput:
+        r"""
+        labels: (batch, frames, num_labels) 0/1 (or soft) targets on the label grid, the shape of `logits`: frame
+            k is centred at `config.frame_label_centre_ms(k)`. Frames of padded patches do not count.
+        """
+        config = self.config
+        outputs = self.cat(input_values, attention_mask=attention_mask, return_dict=True, **kwargs)
+        patches = outputs.last_hidden_state[:, config.num_extra_tokens:]
+        per_patch = patches.unflatten(1, (-1, config.frequency_patches)).mean(dim=2)  # (B, T', D)
+        repeats = config.frame_label_repeats
+        logits = self.classifier(self.fc_norm(per_patch)).repeat_interleave(repeats, dim=1)
+        if outputs.token_padding_mask is None:
+            frame_mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        else:
+            patch_padding = outputs.token_padding_mask[:, config.num_extra_tokens:: config.frequency_patches]
+            frame_mask = ~patch_padding.repeat_interleave(repeats, dim=1)
+        frame_times = config.frame_label_centre_ms(torch.arange(logits.shape[1], device=logits.device).float())
+        loss = None if labels is None else self.compute_loss(logits, labels, frame_mask)
+        return CATFrameClassifierOutput(
+            loss=loss, logits=logits, frame_times=frame_times, frame_mask=frame_mask,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy averaged over the real frames and the labels (padded frames weigh nothing)."""
+        if tuple(labels.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)}, but the logits of this batch have {tuple(logits.shape)} "
+                f"(batch, frames every {self.config.time_patch_hop_ms / self.config.frame_label_repeats:g} ms, "
+                f"num_labels): give one row of {self.num_labels} targets per label frame, frame k centred at "
+                "config.frame_label_centre_ms(k)."
+            )
+        errors = F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.device).float(), reduction="none")
+        weights = frame_mask[..., None].to(errors.dtype)
+        return (errors * weights).sum() / (weights.sum() * self.num_labels).clamp(min=1)
 
 
 class CATDecoder(nn.Module):
@@ -799,7 +942,7 @@ class CATDecoder(nn.Module):
                       groups=config.decoder_groups)
             for _ in range(config.decoder_layers)
         )
-        self.proj = CATLinear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         batch, length, dim = tokens.shape
@@ -807,7 +950,7 @@ class CATDecoder(nn.Module):
         for conv in self.convs:
             y = F.layer_norm(conv(x).permute(0, 2, 3, 1), (dim,), eps=self.eps).permute(0, 3, 1, 2)
             x = x + F.gelu(y)
-        return self.proj(x.reshape(batch, dim, length).transpose(1, 2))
+        return linear(self.proj, x.reshape(batch, dim, length).transpose(1, 2))
 
 
 class CATForPreTraining(CATPreTrainedModel):
@@ -828,7 +971,7 @@ class CATForPreTraining(CATPreTrainedModel):
         super().__init__(config)
         self.cat = CATModel(config)
         self.decoder = CATDecoder(config)
-        self.rr_projector = CATLinear(config.hidden_size, config.rr_embedding_dim) if config.rr_embedding_dim else None
+        self.rr_projector = nn.Linear(config.hidden_size, config.rr_embedding_dim) if config.rr_embedding_dim else None
         self.teacher = CATModel(config)
         self.teacher.requires_grad_(False)
         self.post_init()
@@ -942,7 +1085,7 @@ class CATForPreTraining(CATPreTrainedModel):
         clones = spectrogram.repeat_interleave(c.clone_batch, dim=0)
         kept_ids = torch.sort(mask, dim=1, stable=True).indices[:, :num_kept]
         visible = self.cat.embeddings.visible_patch_tokens(clones, kept_ids)
-        student, _, _, _ = self.cat.encode(self.cat.embeddings.add_extra_tokens(visible))
+        student = self.cat.encode(self.cat.embeddings.add_extra_tokens(visible))
 
         # Decoder on the full grid: encoder outputs at their patches, noise tokens elsewhere.
         decoder_input = torch.zeros(rows, num_patches, c.hidden_size, dtype=student.dtype, device=student.device)
@@ -975,9 +1118,16 @@ class CATForPreTraining(CATPreTrainedModel):
                     f"rr_embeddings have size {rr_embeddings.shape[-1]} but config.rr_embedding_dim is "
                     f"{c.rr_embedding_dim}; set rr_embedding_dim to the external encoder's embedding size."
                 )
-            projected = self.rr_projector(cls)
-            rr_target = rr_embeddings.repeat_interleave(c.clone_batch, dim=0)
-            rr_loss = self._rr_loss(projected, rr_target).sum()
+            if c.rr_view == "full":
+                # the whole clip through the student, once per clip, as a probe or a classifier will see it; the sum
+                # is scaled to the masked view's B * clone_batch rows, so rr_loss_weight means the same
+                hidden = self.cat(spectrogram, return_dict=True).last_hidden_state
+                rr_rows, rr_target, scale = hidden, rr_embeddings, c.clone_batch
+            else:
+                rr_rows, rr_target, scale = student, rr_embeddings.repeat_interleave(c.clone_batch, dim=0), 1
+            pooled = rr_rows[:, c.num_extra_tokens - 1] if c.rr_pooling == "cls" else \
+                rr_rows[:, c.num_extra_tokens:].mean(dim=1)
+            rr_loss = scale * self._rr_loss(self.rr_projector(pooled), rr_target).sum()
             loss = loss + c.rr_loss_weight * rr_loss
         return CATForPreTrainingOutput(
             loss=loss, frame_loss=frame_loss, utterance_loss=utterance_loss, rr_loss=rr_loss,
@@ -1003,8 +1153,10 @@ __all__ = [
     "CATPreTrainedModel",
     "CATModel",
     "CATForAudioClassification",
+    "CATForAudioFrameClassification",
     "CATForPreTraining",
     "CATModelOutput",
+    "CATFrameClassifierOutput",
     "CATForPreTrainingOutput",
     "compute_inverse_block_mask",
     "sincos_position_table",

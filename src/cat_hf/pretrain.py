@@ -49,11 +49,17 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from .audio import DEFAULT_SAMPLING_RATE as SAMPLING_RATE
+from .collapse import CollapseError, CollapseGuard, embedding_ranks, prediction_variances
 from .configuration_cat import CATConfig
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
-from .files import atomic_write_text
+from .files import apply_default_modes, atomic_write_text, file_sha256, safetensors_damage, zip_damage
 
 logger = logging.getLogger(__name__)
+
+#: `model.rr_embedding_dim: auto` takes the RR encoder's embedding size.
+AUTO = "auto"
+#: Where a run embeds its corpus with an audio RR encoder (`rr_precompute`), inside the output folder.
+RR_CACHE_DIR = "rr-cache"
 
 #: Packaged recipes: `--config tiny` means `recipes/pretrain_tiny.yaml`.
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -66,6 +72,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "pretrain_config.yaml"
 SUMMARY_FILE = "training_summary.json"
 TRAINER_STATE_FILE = "trainer_state-rank{rank}.json"
+CHECKPOINT_MANIFEST_FILE = "checkpoint_manifest.json"  # size and SHA-256 of every file of a checkpoint, written last
 TENSORBOARD_PROJECT = "tensorboard"
 #: cat-hf finetune's tracker folder; defined here, beside the other run-output names, so that `hub` (which skips these
 #: folders on push) needs no import of the finetuning module and its `datasets` dependency.
@@ -81,6 +88,8 @@ PROBE_CLIPS = 256
 FINAL_LOSS_WINDOW = 50
 #: Loss components in logging order; `rr_loss` only when Representation Regularization is on.
 LOSS_NAMES = ("loss", "frame_loss", "utterance_loss", "rr_loss")
+#: Per-step collapse statistics (`cat_hf.collapse.prediction_variances`), averaged like the losses.
+VARIANCE_NAMES = ("target_var", "pred_var")
 
 
 # ================================================================================================================
@@ -109,9 +118,16 @@ class PretrainConfig:
         num_workers: DataLoader worker processes decoding audio.
     Representation Regularization:
         rr_encoder: external encoder spec (`hf:NAME`, `cache:DIR` from `cat-hf embed`, `column:NAME`,
-            `python:module:function?embedding_dim=D`, a dict spec, or an `ExternalEncoder`), or None / "none" for
-            no RR (the RR projector is then left out of the model). Its embedding size must equal
-            `model.rr_embedding_dim`.
+            `python:module:function?embedding_dim=D`, a dict spec, or an `ExternalEncoder`), a shipped teacher
+            (`aisfx`, `resemblyzer`, `aisfx+resemblyzer`: `cat_hf.teachers`), or None / "none" for no RR (the RR
+            projector is then left out of the model). Its embedding size must equal `model.rr_embedding_dim`
+            (`auto`: taken from the encoder).
+        rr_precompute: an encoder that embeds audio embeds every clip once, before training, into
+            `output_dir/rr-cache` (resumable), and the run reads the targets from there; false: every crop is
+            embedded on the fly (a teacher forward per clip and step).
+        rr_standardize: regress standardised targets: every dimension of the precomputed embeddings shifted and
+            scaled to mean 0, standard deviation 1 over the corpus (`StandardisedEmbeddings`), so that teachers of
+            any scale, and each part of a concatenation of teachers, weigh the same.
     Optimisation (one step = one optimiser update):
         batch_size: clips per device per micro-batch (each is cloned `clone_batch` times with different masks).
         gradient_accumulation_steps: micro-batches per optimiser step.
@@ -122,16 +138,30 @@ class PretrainConfig:
         mixed_precision: "no", "fp16" (needs a GPU) or "bf16". The EMA teacher's weights always stay fp32.
         activation_checkpointing: recompute the student's block activations in the backward pass (less memory for
             larger batches or clone_batch, for a second forward pass through the student's blocks).
+        threads: torch's CPU threads (None: torch's default, every core). Where several jobs share a machine, one
+            thread per process is fastest (on a shared 2-core machine: 2.5 s a step against 9.7 s).
         seed: seeds the initialisation, the data order, the crops and the masks.
     Output:
         output_dir: receives the exported model, `pretraining/`, `checkpoints/`, `metrics.jsonl`, TensorBoard logs.
         save_every: checkpoint every N steps (0: only at the end / on interruption). keep_checkpoints: how many.
         log_every: steps between metric records (JSONL and TensorBoard). report_to: "tensorboard" or "none".
         progress_bar: tqdm bar on the main process.
-        resume: None, "latest" (newest checkpoint in output_dir, error if none), "auto" (newest if any), or the path
-            of a checkpoint folder.
+    Collapse monitoring (`cat_hf.collapse`):
+        monitor_every: steps between measurements of the effective rank of the student's clip embeddings on
+            `monitor_clips` fixed clips of the corpus (0: never). `target_var` / `pred_var` are logged every step.
+        collapse_guard: "stop" (warn, then stop with a checkpoint and an error naming the cause), "warn" or "off".
+        min_target_var, min_pred_var, min_effective_rank: the minima (null: not checked); the rank is that of the
+            mean-pooled patch tokens on the monitor clips.
+        collapse_patience: steps a value may stay below its minimum before the run stops.
+        collapse_check_after: the guard starts counting at this step.
+        resume: None, "latest" (newest complete checkpoint in output_dir, error if none), "auto" (newest complete
+            one if any), or the path of a checkpoint folder. The settings that shape the training state must be
+            those of the run that wrote it (`check_resume_settings`), except the ones listed in
+            resume_allow_changed (`--allow-changed batch_size,max_steps`).
         stop_at_step: end this session at this global step with a checkpoint although the schedule runs to
             max_steps (time-sliced cluster jobs); `--resume` continues.
+        overwrite_output_dir: let a run write into a folder holding a model that pretraining did not write (or the
+            finished model of an earlier run it does not resume); the export replaces that model.
     """
 
     # model
@@ -148,6 +178,8 @@ class PretrainConfig:
     num_workers: int = 4
     # representation regularization
     rr_encoder: Any = None
+    rr_precompute: bool = True
+    rr_standardize: bool = False
     # optimisation
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
@@ -161,6 +193,7 @@ class PretrainConfig:
     max_grad_norm: float | None = 4.0
     mixed_precision: str = "fp16"
     activation_checkpointing: bool = False
+    threads: int | None = None
     seed: int = 1
     # output, logging, checkpoints
     output_dir: str = "cat-pretrained"
@@ -170,7 +203,18 @@ class PretrainConfig:
     report_to: str = "tensorboard"
     progress_bar: bool = True
     resume: str | None = None
+    resume_allow_changed: list[str] = field(default_factory=list)
     stop_at_step: int | None = None
+    overwrite_output_dir: bool = False
+    # collapse monitoring
+    monitor_every: int = 100
+    monitor_clips: int = 64
+    collapse_guard: str = "stop"
+    min_target_var: float | None = 0.1
+    min_pred_var: float | None = 0.01
+    min_effective_rank: float | None = 2.0
+    collapse_patience: int = 200
+    collapse_check_after: int = 200
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
@@ -264,6 +308,12 @@ class PretrainConfig:
             raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}.")
         if self.feature_preset.lower() not in FEATURE_PRESETS:
             raise ValueError(f"feature_preset {self.feature_preset!r} is unknown; use one of {sorted(FEATURE_PRESETS)}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}.")
+        if self.monitor_every < 0 or self.monitor_clips < 2:
+            raise ValueError("monitor_every must be >= 0 and monitor_clips >= 2.")
+        if self.collapse_guard not in ("stop", "warn", "off"):
+            raise ValueError(f"collapse_guard must be 'stop', 'warn' or 'off', got {self.collapse_guard!r}.")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ValueError(f"stop_at_step must be >= 1 (or null), got {self.stop_at_step}.")
         from .configuration_cat import CAT_PRESETS
@@ -344,9 +394,10 @@ def _coerce(spec: dataclasses.Field, value: Any) -> Any:
             return value.lower() == "true"
         return bool(value)
     try:
-        if isinstance(default, float) or spec.name in ("clip_seconds", "max_grad_norm"):
+        if isinstance(default, float) or spec.name in ("clip_seconds", "max_grad_norm", "min_target_var",
+                                                       "min_pred_var", "min_effective_rank"):
             return float(value)
-        if isinstance(default, int) or spec.name in ("target_length", "stop_at_step"):
+        if isinstance(default, int) or spec.name in ("target_length", "stop_at_step", "threads"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
@@ -511,28 +562,50 @@ def build_rr_encoder(config: PretrainConfig, corpus: Any) -> tuple[Any, set[int]
         return None, set()
     from .external_encoders import (
         PrecomputedEmbeddings,
+        StandardisedEmbeddings,
         build_external_encoder,
         parse_encoder_spec,
     )
 
-    spec = config.rr_encoder
-    excluded: set[int] = set()
-    if isinstance(spec, (str, Mapping)) and parse_encoder_spec(spec)["type"] == "cache":
-        from .embed import EmbeddingCache
+    from .embed import EmbeddingCache, embed_corpus
 
-        options = parse_encoder_spec(spec)
-        cache = EmbeddingCache(options["path"], corpus=corpus)
-        encoder = PrecomputedEmbeddings(cache, name=options.get("name"))
-        excluded = set(cache.missing_indices)
+    spec = config.rr_encoder
+    cache_dir = None
+    if isinstance(spec, (str, Mapping)) and parse_encoder_spec(spec)["type"] == "cache":
+        cache_dir, name = parse_encoder_spec(spec)["path"], parse_encoder_spec(spec).get("name")
     else:
         encoder = build_external_encoder(spec, dataset=corpus)
+        if encoder.requires_audio and config.rr_precompute and not config.streaming:
+            # Embedding every crop on the fly costs a teacher forward per clip and step; once per clip is enough.
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError(
+                    f"A run of several processes cannot embed its corpus with {encoder.name!r} itself; precompute the "
+                    f"cache first (cat-hf embed DATA --encoder {spec} --output-dir CACHE) and pass --rr-encoder "
+                    "cache:CACHE."
+                )
+            cache_dir, name = Path(config.output_dir).expanduser() / RR_CACHE_DIR, encoder.name
+            logger.info("Embedding the corpus once with %s into %s (resumable).", encoder.name, cache_dir)
+            embed_corpus(corpus, encoder, cache_dir, progress=config.progress_bar)
+    excluded: set[int] = set()
+    if cache_dir is not None:
+        cache = EmbeddingCache(cache_dir, corpus=corpus)
+        encoder = PrecomputedEmbeddings(cache, name=name)
+        excluded = set(cache.missing_indices)
+    if config.rr_standardize:
+        if encoder.requires_audio:
+            raise ValueError(
+                f"rr_standardize needs the corpus statistics of precomputed targets, but {encoder.name!r} embeds every "
+                "crop on the fly; keep rr_precompute: true, or set rr_standardize: false."
+            )
+        encoder = StandardisedEmbeddings(encoder, [i for i in range(len(corpus)) if i not in excluded])
     if config.streaming and not encoder.requires_audio:
         raise ValueError(
             f"RR encoder {encoder.name!r} looks embeddings up by corpus row, which a streamed corpus does not give; "
             "drop --streaming (or set streaming: false), or use an encoder that embeds the audio (hf:..., python:...)."
         )
-    expected = _model_config(config).rr_embedding_dim
-    encoder.check_embedding_dim(expected)
+    if config.model.get("rr_embedding_dim", AUTO) == AUTO:
+        config.model["rr_embedding_dim"] = encoder.embedding_dim  # the projector takes the teacher's size
+    encoder.check_embedding_dim(_model_config(config).rr_embedding_dim)
     return encoder, excluded
 
 
@@ -554,6 +627,9 @@ def _model_config(config: PretrainConfig) -> CATConfig:
     overrides = {k: v for k, v in config.model.items() if k != "preset"}
     if not config.uses_rr:
         overrides["rr_embedding_dim"] = None  # no projector: it would get no gradient (and DDP would complain)
+    elif overrides.get("rr_embedding_dim") == AUTO:
+        raise ValueError("model.rr_embedding_dim is 'auto' but no RR encoder set it; build the encoder first "
+                         "(build_rr_encoder) or set --set model.rr_embedding_dim=N.")
     if config.init_from:
         model_config = CATConfig.from_pretrained(config.init_from)
         for key, value in overrides.items():
@@ -599,6 +675,8 @@ class TrainState:
     skipped_files: int = 0  # distinct unusable clips met so far (per process, summed over processes)
     bad_indices: list[int] = field(default_factory=list)  # this process's distinct unusable rows
     streaming_skipped: int = 0  # skip counter of a streamed corpus at the last step
+    collapse_guard: dict[str, Any] = field(default_factory=dict)  # CollapseGuard.state_dict()
+    initial_ranks: dict[str, float] = field(default_factory=dict)  # effective ranks of the step-0 student
 
     def save(self, folder: Path, rank: int) -> None:
         atomic_write_text(folder / TRAINER_STATE_FILE.format(rank=rank), json.dumps(dataclasses.asdict(self)))
@@ -698,8 +776,15 @@ def _derive_seed(*parts: int) -> int:
 # ================================================================================================================
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission, ...); the previous one is left as it was."""
+
+
 class Checkpoints:
-    """`output_dir/checkpoints/step-XXXXXXX` folders of `accelerator.save_state`, written atomically, last K kept."""
+    """`output_dir/checkpoints/step-XXXXXXX` folders of `accelerator.save_state`, written atomically, last K kept.
+
+    Each folder ends with `checkpoint_manifest.json` (size and SHA-256 of every file in it), written last: `--resume`
+    uses the newest checkpoint whose files all match it, and says which newer ones are damaged."""
 
     def __init__(self, accelerator: Any, output_dir: Path, keep: int):
         self.accelerator = accelerator
@@ -735,19 +820,36 @@ class Checkpoints:
 
     def save(self, state: TrainState, config: PretrainConfig) -> Path:
         """All processes call this together. Everything goes into a temporary folder that is renamed at the end,
-        so a crash mid-save never leaves a half-written checkpoint that --resume would pick up."""
+        so a crash mid-save never leaves a half-written checkpoint that --resume would pick up. A save that fails
+        (disk full, ...) removes its temporary folder, leaves the earlier checkpoints alone and raises
+        CheckpointWriteError saying so."""
         acc = self.accelerator
         final = self.path(state.step)
         tmp = self.root / f".tmp-{final.name}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        state.save(tmp, acc.process_index)
-        if acc.is_main_process:
-            atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        acc.wait_for_everyone()
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            state.save(tmp, acc.process_index)
+            if acc.is_main_process:
+                atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                apply_default_modes(tmp)  # safetensors and mkstemp write 0600 files, mkdir(mkdtemp) 0700
+                _write_manifest(tmp)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the partial checkpoint must go and be named
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            kept = (f"The previous checkpoint {previous} is intact" if previous is not None
+                    else "There is no earlier checkpoint")
+            raise CheckpointWriteError(
+                f"Could not write the checkpoint of step {state.step} into {self.root} ({type(error).__name__}: "
+                f"{error}). {kept}; nothing was removed. Free disk space (or fix the folder's permissions) and "
+                "continue with --resume."
+            ) from error
         if acc.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
@@ -763,8 +865,60 @@ class Checkpoints:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST_FILE)
+    manifest = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    atomic_write_text(folder / CHECKPOINT_MANIFEST_FILE, json.dumps({"files": manifest}, indent=1))
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """None when a checkpoint folder is complete and undamaged; else what is wrong with it.
+
+    With a manifest: every file it lists is there with its size and SHA-256. Without one (checkpoints of older
+    versions): the trainer state is there, every .safetensors file is as long as its header says, every zip
+    (torch's .bin/.pt) passes its CRC-32 checks, and every JSON file parses."""
+    if not (folder / TRAINER_STATE_FILE.format(rank=0)).is_file():
+        return f"{TRAINER_STATE_FILE.format(rank=0)} is missing"
+    manifest_path = folder / CHECKPOINT_MANIFEST_FILE
+    if manifest_path.is_file():
+        try:
+            listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"{CHECKPOINT_MANIFEST_FILE} is unreadable ({error})"
+        for name, expected in listed.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["size"]:
+                return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written (truncated?)"
+            if file_sha256(path) != expected["sha256"]:
+                return f"{name} does not match the SHA-256 recorded when it was written"
+        return None
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix == ".safetensors":
+            problem = safetensors_damage(path)
+        elif path.suffix == ".json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+                problem = None
+            except (OSError, ValueError) as error:
+                problem = f"not valid JSON ({error})"
+        else:
+            problem = zip_damage(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    return None
+
+
+_reported_damage: set[str] = set()  # each damaged checkpoint is reported once per process
+
+
 def find_resume_checkpoint(resume: str | None, checkpoints: Checkpoints) -> Path | None:
-    """None / "latest" / "auto" / a folder -> the checkpoint folder to load (or None to start fresh)."""
+    """None / "latest" / "auto" / a folder -> the checkpoint folder to load (or None to start fresh).
+
+    "latest" / "auto" take the newest complete checkpoint: a damaged newer one (truncated or changed files, see
+    `checkpoint_damage`) is passed over with a warning, and dropped when the run resumes from the earlier one. A
+    folder named explicitly must be complete."""
     if resume is None:
         if checkpoints.latest() is not None:
             raise ValueError(
@@ -773,14 +927,133 @@ def find_resume_checkpoint(resume: str | None, checkpoints: Checkpoints) -> Path
             )
         return None
     if resume in ("latest", "auto"):
-        latest = checkpoints.latest()
-        if latest is None and resume == "latest":
+        found = checkpoints.all()
+        if not found and resume == "latest":
             raise ValueError(f"--resume: no checkpoint under {checkpoints.root}; start without --resume.")
-        return latest
+        damaged = []
+        for candidate in reversed(found):
+            problem = checkpoint_damage(candidate)
+            if problem is None:
+                return candidate
+            damaged.append(f"{candidate.name} ({problem})")
+            if str(candidate) not in _reported_damage:
+                _reported_damage.add(str(candidate))
+                logger.warning("Checkpoint %s is damaged (%s): resuming from an earlier one instead; the damaged one "
+                               "is removed when training continues.", candidate, problem)
+        if found:
+            raise ValueError(
+                f"--resume: no complete checkpoint under {checkpoints.root}: {'; '.join(damaged)}. Start again "
+                "without --resume in another --output-dir."
+            )
+        return None
     path = Path(resume).expanduser()
     if not (path / TRAINER_STATE_FILE.format(rank=0)).is_file():
         raise ValueError(f"--resume {resume}: not a checkpoint folder (no {TRAINER_STATE_FILE.format(rank=0)}).")
+    problem = checkpoint_damage(path)
+    if problem:
+        earlier = [p.name for p in checkpoints.all() if p.resolve() != path.resolve()]
+        raise ValueError(f"--resume {resume}: the checkpoint is damaged ({problem}). Resume from another one"
+                         + (f" (in {checkpoints.root}: {', '.join(earlier)})." if earlier else "."))
     return path
+
+
+#: Settings that may differ between the run that wrote a checkpoint and the run resuming it: they change where
+#: things are written, what is logged or how fast, not the training state. Every other setting is compared.
+RESUME_FREE_SETTINGS = frozenset({
+    "output_dir", "resume", "stop_at_step", "save_every", "keep_checkpoints", "log_every", "report_to",
+    "progress_bar", "num_workers", "threads", "activation_checkpointing", "overwrite_output_dir",
+    "resume_allow_changed",
+    "monitor_every", "monitor_clips", "collapse_guard", "min_target_var", "min_pred_var", "min_effective_rank",
+    "collapse_patience", "collapse_check_after",
+})
+
+
+def _comparable_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat {setting: value} of a config dict: `model.*` keys apart, fbank frames instead of the two ways to give
+    them, local paths resolved."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in RESUME_FREE_SETTINGS or key in ("target_length", "clip_seconds"):
+            continue
+        if key == "model" and isinstance(value, Mapping):
+            flat.update({f"model.{k}": v for k, v in value.items()})
+            continue
+        if key in ("data", "init_from") and isinstance(value, str) and Path(value).expanduser().exists():
+            value = os.path.realpath(Path(value).expanduser())
+        flat[key] = list(value) if isinstance(value, tuple) else value
+    target_length, clip_seconds = values.get("target_length"), values.get("clip_seconds")
+    flat["frames (target_length / clip_seconds)"] = (int(target_length) if target_length is not None else
+                                                     frames_for_seconds(clip_seconds) if clip_seconds is not None
+                                                     else None)
+    return flat
+
+
+def check_resume_settings(checkpoint: Path | None, config: PretrainConfig) -> None:
+    """ValueError naming every setting that shapes the training state (data, batch, seed, schedule, optimiser,
+    architecture, ...) and differs from the run that wrote `checkpoint`, unless listed in
+    `config.resume_allow_changed` (`--allow-changed KEY,...`)."""
+    if checkpoint is None or not (checkpoint / CONFIG_FILE).is_file():
+        return
+    try:
+        saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"--resume: {checkpoint / CONFIG_FILE} cannot be read ({error}).") from error
+    allowed = config.resume_allow_changed
+    allowed = {a.strip() for a in (allowed.split(",") if isinstance(allowed, str) else allowed or []) if a.strip()}
+    before, now = _comparable_settings(saved), _comparable_settings(config.to_dict())
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if old == new or key in allowed or key.split(" ")[0] in allowed:
+            continue
+        if key not in before and not key.startswith("model."):  # a setting newer than the run that wrote it
+            continue
+        if key == "model.rr_embedding_dim" and AUTO in (old, new):  # "auto" is resolved when the run starts
+            continue
+        if key.startswith("model.") and "model" in allowed:
+            continue
+        changed.append((key, old, new))
+    if changed:
+        listing = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed)
+        names = ",".join(dict.fromkeys(key.split(" ")[0] for key, _, _ in changed))
+        raise ValueError(
+            f"--resume: these settings differ from the run that wrote {checkpoint}: {listing}. Resuming continues "
+            "its saved state exactly only with the same settings (they are in "
+            f"{checkpoint / CONFIG_FILE}): run with those values, or, to continue that state under the new ones, "
+            f"say so with --allow-changed {names} (--set resume_allow_changed=[{names}])."
+        )
+
+
+def check_output_dir(config: PretrainConfig) -> None:
+    """ValueError when `output_dir` holds a model that pretraining did not write (a finetuned classifier, an
+    adapter, any other model), or, for a run that does not resume, the finished model of an earlier pretraining
+    run: the export at the end would replace it. `overwrite_output_dir` (--overwrite-output-dir) allows it."""
+    output_dir = Path(config.output_dir).expanduser()
+    if config.overwrite_output_dir or not output_dir.is_dir():
+        return
+    patterns = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
+    model_files = sorted({p.name for pattern in patterns for p in output_dir.glob(pattern) if p.is_file()})
+    if not model_files:
+        return
+    try:
+        architectures = json.loads((output_dir / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        architectures = None
+    ours = (output_dir / CONFIG_FILE).is_file() and architectures in (None, ["CATModel"]) and \
+        not (output_dir / "adapter_config.json").is_file()
+    override = "pass --overwrite-output-dir (--set overwrite_output_dir=true) to replace it, or choose another " \
+               "--output-dir."
+    if not ours:
+        what = f" (a {architectures[0]})" if architectures else ""
+        raise ValueError(
+            f"{output_dir} holds a model that cat-hf pretrain did not write{what}: {', '.join(model_files[:6])}. "
+            f"Pretraining would replace it with an encoder; {override}"
+        )
+    if config.resume is None and (output_dir / "config.json").is_file():
+        raise ValueError(
+            f"{output_dir} holds the model exported by an earlier pretraining run; a new run would replace it. "
+            f"Continue that run with --resume, or {override}"
+        )
 
 
 class StopSignals:
@@ -827,6 +1100,9 @@ def pretrain(config: PretrainConfig | Mapping[str, Any] | str | os.PathLike) -> 
     if not isinstance(config, PretrainConfig):
         config = PretrainConfig.from_dict(config) if isinstance(config, Mapping) else PretrainConfig.from_yaml(config)
     config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    check_run_folder(config)  # before anything is written into output_dir
     output_dir = Path(config.output_dir).expanduser()
 
     # -- data first: a corpus that cannot work fails before anything is built ---------------------------------------
@@ -916,6 +1192,17 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
         + (", activation checkpointing." if config.activation_checkpointing else ".")
     )
     grid = (config.frames // model_config.patch_size, model_config.frequency_patches)
+    guard = CollapseGuard(config.min_target_var, config.min_pred_var, config.min_effective_rank,
+                          config.collapse_patience, config.collapse_check_after, config.collapse_guard)
+    guard.load_state_dict(state.collapse_guard)
+    monitor_inputs = monitor_batch(config, corpus, extractor, device) if config.monitor_every else None
+    last_ranks: dict[str, float] = {}  # the latest rank measurement, shown in the progress bar between measurements
+    if monitor_inputs is not None and state.step == 0:
+        state.initial_ranks = embedding_ranks(student_teacher.cat, monitor_inputs)
+        ranks = state.initial_ranks
+        accelerator.print(f"Effective rank of the initial student's clip embeddings on {len(monitor_inputs)} fixed "
+                          f"clips: CLS {ranks['effective_rank_cls']:.1f}, mean {ranks['effective_rank_mean']:.1f} "
+                          "(a collapsing run drives it towards 1).")
     batches = iterate_batches(accelerator, dataloader, sampler, dataset, state)
     bad_seen = set(state.bad_indices)
     last_checkpoint = resume_from
@@ -923,6 +1210,8 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
     stop_at = min(config.max_steps, config.stop_at_step or config.max_steps)
     clips_per_step = config.batch_size * config.gradient_accumulation_steps * world
     num_losses = len(LOSS_NAMES)
+    metric_names = LOSS_NAMES + VARIANCE_NAMES
+    num_metrics = len(metric_names)
 
     bar = tqdm(total=config.max_steps, initial=state.step, desc="pretrain", dynamic_ncols=True,
                disable=not (config.progress_bar and accelerator.is_local_main_process))
@@ -931,13 +1220,13 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
     with StopSignals() as signals:
         while state.step < stop_at:
             step_start = time.perf_counter()
-            # Per process: the mean of every loss over the micro-batches, new unusable clips, stop request.
-            totals = torch.zeros(num_losses + 2, dtype=torch.float64)
+            # Per process: the mean of every loss and variance over the micro-batches, new unusable clips, stop request.
+            totals = torch.zeros(num_metrics + 2, dtype=torch.float64)
             grad_norm = torch.zeros(())
             for micro in range(config.gradient_accumulation_steps):
                 batch = next(batches)
                 new_bad = _count_new_bad(batch, dataset, state, bad_seen)
-                totals[num_losses] += new_bad
+                totals[num_metrics] += new_bad
                 input_values = _features(extractor, batch, config.frames, device)
                 rr_embeddings = _rr_targets(rr_encoder, batch) if rr_encoder is not None else None
                 # Masks (and decoder noise) from (seed, step, micro-batch, process): reproducible and resumable.
@@ -958,6 +1247,8 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
                     value = getattr(output, name)
                     if value is not None:
                         totals[i] += value.detach().double().cpu() / config.gradient_accumulation_steps
+                for i, value in enumerate(prediction_variances(output).values(), start=num_losses):
+                    totals[i] += value / config.gradient_accumulation_steps
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state.step += 1
@@ -965,32 +1256,40 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
             state.clips_seen += clips_per_step
 
             # One collective per step: the mean losses over processes, skipped clips and a stop request from any.
-            totals[num_losses + 1] = 1.0 if signals.received else 0.0
+            totals[num_metrics + 1] = 1.0 if signals.received else 0.0
             reduced = accelerator.reduce(totals.to(device), reduction="sum").double().cpu()
-            losses = (reduced[:num_losses] / world).tolist()
-            state.skipped_files += int(reduced[num_losses].item())
-            stop_requested = reduced[num_losses + 1].item() > 0
+            means = (reduced[:num_metrics] / world).tolist()
+            state.skipped_files += int(reduced[num_metrics].item())
+            stop_requested = reduced[num_metrics + 1].item() > 0
             step_seconds = time.perf_counter() - step_start
             state.train_seconds += step_seconds
             record = {
                 "step": state.step,
                 "epoch": state.epoch,
-                **{name: losses[i] for i, name in enumerate(LOSS_NAMES) if name != "rr_loss" or rr_encoder},
+                **{name: means[i] for i, name in enumerate(metric_names) if name != "rr_loss" or rr_encoder},
                 "lr": lr,
                 "ema_decay": decay,
                 "grad_norm": float(grad_norm),
                 "clips_per_s": clips_per_step / step_seconds,
                 "skipped_files": state.skipped_files,
             }
+            if monitor_inputs is not None and (state.step % config.monitor_every == 0 or state.step == stop_at):
+                # every process measures the same fixed clips with the same weights: the guard agrees everywhere
+                last_ranks = embedding_ranks(student_teacher.cat, monitor_inputs)
+                record.update(last_ranks)
+            warnings, collapse = guard.update(state.step, record)
+            state.collapse_guard = guard.state_dict()
+            for warning in warnings:
+                logger.warning("Possible collapse at %s", warning)
             session_metrics.append(record)
-            bar.set_postfix(_postfix(record), refresh=False)  # shown by the update, so the bar shows this step's numbers
+            bar.set_postfix(_postfix({**last_ranks, **record}), refresh=False)  # shown by the update, so the bar shows this step's numbers
             bar.update(1)
             if state.step % config.log_every == 0 or state.step == stop_at:
                 _log(accelerator, metrics_path, record)
 
             interrupted = signals.received or ("signal" if stop_requested else None)
             periodic = config.save_every and state.step % config.save_every == 0
-            if interrupted or periodic or state.step == stop_at:
+            if interrupted or collapse or periodic or state.step == stop_at:
                 state.bad_indices = sorted(bad_seen)
                 last_checkpoint = checkpoints.save(state, config)
             if interrupted:
@@ -999,6 +1298,9 @@ def _train(config: PretrainConfig, accelerator: Any, corpus: Any, dataset: Datas
                     f"Continue with the same command plus --resume (or --resume {last_checkpoint})."
                 )
                 break
+            if collapse:
+                bar.close()
+                raise CollapseError(f"{collapse} The training state at step {state.step} is saved in {last_checkpoint}.")
     bar.close()
 
     finished = state.step >= config.max_steps
@@ -1035,6 +1337,39 @@ def _features(extractor: CATFeatureExtractor, batch: Mapping[str, Any], frames: 
     return features["input_values"]
 
 
+def monitor_batch(config: PretrainConfig, corpus: Any, extractor: CATFeatureExtractor,
+                  device: torch.device) -> torch.Tensor | None:
+    """The fixed clips whose embeddings' effective rank is followed during the run: up to `monitor_clips` usable
+    clips at evenly spaced rows of the corpus (the first ones of a stream), each its first `frames` frames,
+    zero-padded like the training clips. They are also trained on; the rank of a collapsing student falls on
+    any fixed set of real clips."""
+    from .data import AudioClipDataset, IterableAudioClipDataset
+
+    waves = []
+    if config.streaming:
+        stream = IterableAudioClipDataset(corpus, clip_samples=config.clip_samples, train=False,
+                                          sampling_rate=SAMPLING_RATE, max_warnings=0)
+        for item in stream:
+            if item["length"] >= MIN_CLIP_SAMPLES:
+                waves.append(item["waveform"][: item["length"]].numpy())
+            if len(waves) == config.monitor_clips:
+                break
+    else:
+        clips = AudioClipDataset(corpus, clip_samples=config.clip_samples, train=False, sampling_rate=SAMPLING_RATE,
+                                 max_warnings=0)
+        for row in np.unique(np.linspace(0, len(clips) - 1, min(len(clips), 4 * config.monitor_clips)).round()):
+            item = clips[int(row)]
+            if item is not None and item["length"] >= MIN_CLIP_SAMPLES:
+                waves.append(item["waveform"][: item["length"]].numpy())
+            if len(waves) == config.monitor_clips:
+                break
+    if len(waves) < 2:
+        return None
+    features = extractor(waves, sampling_rate=SAMPLING_RATE, padding="max_length", max_length=config.frames,
+                         return_tensors="pt", device=device)
+    return features["input_values"]
+
+
 def _rr_targets(encoder: Any, batch: Mapping[str, Any]) -> torch.Tensor:
     """One external embedding per clip: looked up by row index (precomputed) or computed from the same crop."""
     if not encoder.requires_audio:
@@ -1059,8 +1394,11 @@ def _count_new_bad(batch: Mapping[str, Any], dataset: Any, state: TrainState, ba
 
 
 def _postfix(record: Mapping[str, Any]) -> dict[str, str]:
-    short = {"loss": "loss", "frame_loss": "frame", "utterance_loss": "utt", "rr_loss": "rr"}
+    short = {"loss": "loss", "frame_loss": "frame", "utterance_loss": "utt", "rr_loss": "rr", "target_var": "tvar",
+             "pred_var": "pvar"}
     out = {short[k]: f"{record[k]:.4f}" for k in short if k in record}
+    if "effective_rank_mean" in record:
+        out["rank"] = f"{record['effective_rank_mean']:.1f}"
     out.update(lr=f"{record['lr']:.2e}", decay=f"{record['ema_decay']:.5f}", clips_s=f"{record['clips_per_s']:.1f}")
     if record["skipped_files"]:
         out["skipped"] = str(record["skipped_files"])
@@ -1129,6 +1467,7 @@ def export_pretrained(accelerator: Any, model: Any, extractor: CATFeatureExtract
             atomic_write_text(staging / "model" / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
             model.save_pretrained(staging / PRETRAINING_DIR)
             extractor.save_pretrained(staging / PRETRAINING_DIR)
+            apply_default_modes(staging)  # safetensors writes 0600 files, mkdtemp a 0700 folder
             for item in (staging / "model").iterdir():
                 os.replace(item, output_dir / item.name)
             target = output_dir / PRETRAINING_DIR
@@ -1153,10 +1492,16 @@ def _summary(config, accelerator, corpus, dataset, rr_encoder, model, state, ses
         if path.is_file() else session_metrics
     window = records[-FINAL_LOSS_WINDOW:]
     finals = {}
-    for name in LOSS_NAMES:
+    for name in LOSS_NAMES + VARIANCE_NAMES:
         values = [m[name] for m in window if name in m]
         if values:
             finals[f"final_{name}"] = round(float(np.mean(values)), 6)
+    for name in ("effective_rank", "effective_rank_cls", "effective_rank_mean"):
+        values = [m[name] for m in records if name in m]
+        if values:
+            finals[f"final_{name}"] = round(float(values[-1]), 3)
+        if name in state.initial_ranks:
+            finals[f"initial_{name}"] = round(float(state.initial_ranks[name]), 3)
     num_examples = len(dataset) if isinstance(dataset, PretrainingClips) else None
     data = config.data if isinstance(config.data, (str, os.PathLike)) else f"{type(config.data).__name__} (in memory)"
     return {
@@ -1215,12 +1560,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where the model, checkpoints and logs go")
     parser.add_argument("--max-steps", type=int, help="optimiser steps of the schedule")
     parser.add_argument("--batch-size", type=int, help="clips per device per micro-batch")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (one per process is fastest on a shared machine)")
     parser.add_argument("--rr-encoder", help="external encoder spec for RR (hf:..., cache:DIR, column:NAME, "
                                              "python:module:fn?embedding_dim=D) or 'none'")
     parser.add_argument("--streaming", action="store_true", default=None, help="stream the corpus")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the newest checkpoint in --output-dir (or 'auto': if any; or a path)")
     parser.add_argument("--stop-at-step", type=int, help="end this session at this step with a checkpoint")
+    parser.add_argument("--allow-changed", metavar="KEY[,KEY...]",
+                        help="with --resume: continue the checkpoint's state although these settings differ from the "
+                             "run that wrote it (e.g. max_steps,batch_size)")
+    parser.add_argument("--overwrite-output-dir", action="store_true", default=None,
+                        help="write into --output-dir although it holds a model pretraining did not write (the "
+                             "export replaces it)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set learning_rate=1e-4 --set model.clone_batch=8")
 
@@ -1228,8 +1580,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     config = PretrainConfig.from_yaml(args.config)
     flags = {"data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps,
-             "batch_size": args.batch_size, "rr_encoder": args.rr_encoder, "streaming": args.streaming,
-             "resume": args.resume, "stop_at_step": args.stop_at_step}
+             "batch_size": args.batch_size, "threads": args.threads, "rr_encoder": args.rr_encoder,
+             "streaming": args.streaming,
+             "resume": args.resume, "stop_at_step": args.stop_at_step,
+             "resume_allow_changed": args.allow_changed.split(",") if args.allow_changed else None,
+             "overwrite_output_dir": args.overwrite_output_dir}
     config = config.with_overrides({k: v for k, v in flags.items() if v is not None})
     return config.with_overrides(args.overrides)
 
@@ -1238,12 +1593,26 @@ def run_cli(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
-        pretrain(config)
+        result = pretrain(config_from_args(args))
+    except CheckpointWriteError as err:  # disk full, ...: the message says what is intact
+        print(f"cat-hf pretrain: error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:  # bad config / corpus: a message naming the fix, no traceback
         print(f"cat-hf pretrain: error: {err}", file=sys.stderr)
         return 2
-    return 0  # finished, or stopped cleanly (signal / stop_at_step) with a checkpoint to resume from
+    stopped_by = result.get("interrupted")
+    if stopped_by:  # checkpoint saved; the shell convention for a job a signal stopped: 128 + its number
+        return 128 + signal.Signals[stopped_by] if stopped_by in signal.Signals.__members__ else 1
+    return 0  # finished, or a session ended at stop_at_step with a checkpoint to resume from
+
+
+def check_run_folder(config: PretrainConfig) -> None:
+    """What `output_dir` holds may be written over: no model pretraining did not write (`check_output_dir`), and
+    with --resume a complete checkpoint written with the same state-shaping settings (`check_resume_settings`)."""
+    check_output_dir(config)
+    output_dir = Path(config.output_dir).expanduser()
+    checkpoint = find_resume_checkpoint(config.resume, Checkpoints(None, output_dir, config.keep_checkpoints))
+    check_resume_settings(checkpoint, config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1259,6 +1628,7 @@ __all__ = [
     "StreamingPretrainingClips",
     "EpochSampler",
     "TrainState",
+    "CheckpointWriteError",
     "Checkpoints",
     "StopSignals",
     "add_cli_arguments",
@@ -1266,6 +1636,10 @@ __all__ = [
     "build_dataloader",
     "build_model",
     "build_rr_encoder",
+    "check_output_dir",
+    "check_resume_settings",
+    "check_run_folder",
+    "checkpoint_damage",
     "config_from_args",
     "cosine_schedule_with_warmup",
     "export_pretrained",
