@@ -2,7 +2,7 @@
 
 Two pretraining runs on `pretrain-mix` (see corpora.py) that differ only in RR: same preset, seed, data order,
 masks, schedule and number of steps; one regresses the student's CLS onto the embeddings of a frozen, genuinely
-pretrained encoder (`--rr-teacher`: aisfx, a sound-effect CNN, or Resemblyzer, a speaker encoder; rr_encoders.py),
+pretrained encoder (`--rr-teacher`: aisfx, a sound-effect CNN, or Resemblyzer, a speaker encoder; cat_hf.teachers),
 the other has no RR. The student is exported at log-spaced steps (plus one third of the run, the goal's mark) and
 probed: a logistic regression on frozen pooled features (CLS token and mean of the patch tokens) of the
 `instruments` corpus, and optionally `spoken-language`, scored by 5-fold cross-validation over all clips of the
@@ -54,23 +54,16 @@ import torch.nn.functional as F
 from cat_hf.configuration_cat import RRLossType
 from cat_hf.files import atomic_write_bytes, atomic_write_text
 
-BENCHMARKS_DIR = Path(__file__).resolve().parent
-#: The module of the frozen RR teachers (used through the Python-callable encoder interface; absolute, so any working
-#: directory works).
-RR_ENCODERS_FILE = BENCHMARKS_DIR / "rr_encoders.py"
+def rr_teachers() -> dict[str, tuple[int, str]]:
+    """The shipped frozen RR teachers (`cat_hf.teachers`): name -> (embedding size, description)."""
+    from cat_hf.teachers import TEACHERS
 
-
-def rr_teachers() -> dict[str, tuple[Any, int, str]]:
-    """`ENCODERS` of rr_encoders.py: name -> (encoder class, embedding size, description), loaded by path by the same
-    loader as the encoder specs, so the RR run and this table use one module."""
-    from cat_hf.external_encoders import _import_target
-
-    return _import_target(f"{RR_ENCODERS_FILE}:ENCODERS")
+    return {name: (t.embedding_dim, f"{name} {t.weights.version} ({t.knows})") for name, t in TEACHERS.items()}
 
 
 def teacher_spec(teacher: str) -> str:
-    """The encoder spec of an RR teacher."""
-    return f"python:{RR_ENCODERS_FILE}:{rr_teachers()[teacher][0].__name__}"
+    """The encoder spec of an RR teacher: a shipped teacher is named by its name."""
+    return teacher
 
 RUNS = ("no-rr", "rr")
 POOLINGS = ("cls", "mean")
@@ -337,7 +330,7 @@ class Experiment:
             "warmup_steps": s.warmup_steps,
             "seed": s.seed,
             "model.preset": s.preset,
-            "model.rr_embedding_dim": rr_teachers()[s.rr_teacher][1],
+            "model.rr_embedding_dim": rr_teachers()[s.rr_teacher][0],
             "model.rr_loss_weight": s.rr_loss_weight,
             "model.rr_loss_type": s.rr_loss_type,
             **{f"model.{name}": getattr(s, name) for name in EMA_SETTINGS if getattr(s, name) is not None},
@@ -842,7 +835,7 @@ def write_report(exp: Experiment) -> str:
             f"({'all' if s.pretrain_clips is None else s.pretrain_clips} training clips), batch {s.batch_size}, "
             f"lr {s.learning_rate:g} (warm-up {s.warmup_steps}, cosine), EMA teacher decay {model['ema_decay']:g} "
             f"rising to {model['ema_end_decay']:g} by step {model['ema_anneal_end_step']}, seed {s.seed}; "
-            f"RR: {rr_teachers()[s.rr_teacher][2]} embeddings "
+            f"RR: {rr_teachers()[s.rr_teacher][1]} embeddings "
             f"(frozen, pretrained), {s.rr_loss_type} weight {s.rr_loss_weight:g}. Linear probe: logistic regression "
             f"on frozen pooled features. Judged on its {METRIC_NAMES[HEADLINE_METRIC]} (L2 chosen by that accuracy); "
             "the accuracy on the fixed test split (L2 chosen on validation) is shown alongside."

@@ -57,6 +57,10 @@ SEED = 1  # the tiny recipe's seed: `init` is exactly the student every pretrain
 PROBE_CHUNK_SECONDS = 10.24
 
 
+class NotReady(Exception):
+    """A piece of work waits for another (a probe for its pretraining run, finetuning for the probes)."""
+
+
 class Budget:
     def __init__(self, seconds: float):
         self.end = time.monotonic() + seconds
@@ -145,10 +149,18 @@ def write_pretraining_mix(corpora: Sequence[Corpus], clips: int, path: Path) -> 
 
 
 def encoder_runs(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Pretraining runs: name -> extra `cat-hf pretrain` arguments."""
+    """Pretraining runs: name -> extra `cat-hf pretrain` arguments. `tiny` is the packaged recipe as it is; `no-rr`
+    the same without Representation Regularization (when the recipe has it); `rr-NAME` the recipe with each shipped
+    teacher (the recipe's own teacher is `tiny`)."""
+    from cat_hf.pretrain import PretrainConfig
+
+    default = PretrainConfig.from_yaml("tiny")
     runs = {"tiny": []}
+    if default.uses_rr:
+        runs["no-rr"] = ["--rr-encoder", "none"]
     for teacher in args.teachers:
-        runs[f"rr-{teacher}"] = ["--rr-encoder", teacher]
+        if teacher != default.rr_encoder:
+            runs[f"rr-{teacher}"] = ["--rr-encoder", teacher]
     return runs
 
 
@@ -229,7 +241,10 @@ def probe(args: argparse.Namespace, corpus: Corpus, encoder: str) -> dict[str, A
     elif encoder.startswith("teacher-"):
         entry = {"teacher": probe_entry(teacher_features(encoder[len("teacher-"):], corpus), corpus)}
     else:
-        features = encoder_features(args.output_dir / "encoders" / encoder, corpus)
+        folder = args.output_dir / "encoders" / encoder
+        if encoder != "init" and not (folder / "efficacy.json").is_file():
+            raise NotReady(f"pretraining run {encoder} has not finished")
+        features = encoder_features(folder, corpus)
         entry = {pooling: probe_entry(features[pooling], corpus) for pooling in POOLINGS}
     entry.update(wall_s=round(time.perf_counter() - start, 1), cpu_s=round(time.process_time() - cpu, 1))
     write_json(path, entry)
@@ -258,14 +273,15 @@ def finetune(args: argparse.Namespace, corpus: Corpus, mode: str, start: str, en
     return record
 
 
-def best_pretrained(args: argparse.Namespace, corpus: Corpus) -> str | None:
+def best_pretrained(args: argparse.Namespace, corpus: Corpus) -> str:
     """The pretrained encoder with the best validation probe (either pooling) on this corpus."""
     scores = {}
     for name in encoder_runs(args):
         entry = read_json(args.output_dir / "probes" / corpus.name / f"{name}.json")
-        if entry:
-            scores[name] = max(entry[p]["validation"] for p in POOLINGS)
-    return max(scores, key=scores.get) if scores else None
+        if not entry:
+            raise NotReady(f"the probe of {name} on {corpus.name} has not run")
+        scores[name] = max(entry[p]["validation"] for p in POOLINGS)
+    return max(scores, key=scores.get)
 
 
 # ================================================================================================================
@@ -277,14 +293,15 @@ def run(args: argparse.Namespace) -> None:
     corpora = [Corpus(name, folder) for name, folder in args.corpora]
     mix = write_pretraining_mix(corpora, args.pretrain_clips, args.output_dir / "pretrain-mix.csv")
     export_init(args)
-    work: list[tuple[str, Any]] = []
+    work: list[tuple[str, Any]] = []  # the longest pieces first, so that side-by-side calls finish together
+    for name, extra in encoder_runs(args).items():
+        work.append((f"pretrain {name}", lambda n=name, e=extra: pretrain(args, n, e, mix)))
     for corpus in corpora:
         work.append((f"probe logmel {corpus.name}", lambda c=corpus: probe(args, c, "logmel")))
         work.append((f"probe init {corpus.name}", lambda c=corpus: probe(args, c, "init")))
         for teacher in args.teachers:
             work.append((f"probe teacher {teacher} {corpus.name}", lambda c=corpus, t=teacher: probe(args, c, f"teacher-{t}")))
-    for name, extra in encoder_runs(args).items():
-        work.append((f"pretrain {name}", lambda n=name, e=extra: pretrain(args, n, e, mix)))
+    for name in encoder_runs(args):
         for corpus in corpora:
             work.append((f"probe {name} {corpus.name}", lambda c=corpus, n=name: probe(args, c, n)))
     for corpus in corpora:
@@ -292,14 +309,32 @@ def run(args: argparse.Namespace) -> None:
             work.append((f"finetune {mode} init {corpus.name}", lambda c=corpus, m=mode: finetune(args, c, m, "init", "init")))
             work.append((f"finetune {mode} pretrained {corpus.name}",
                          lambda c=corpus, m=mode: finetune(args, c, m, "pretrained", best_pretrained(args, c))))
+    locks = args.output_dir / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
     for label, job in work:
         if budget.left() <= 0:
             print(f"time budget spent; run again to continue (next: {label})")
             return
-        start = time.perf_counter()
-        job()
-        print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
-    print("all done; `report` writes the tables")
+        lock = locks / label.replace(" ", "_")
+        try:  # several calls may run side by side (one thread each): each piece of work is taken by one of them
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.is_file() else ""
+            if holder.isdigit() and Path(f"/proc/{holder}").exists():
+                continue
+            lock.unlink(missing_ok=True)  # left by a call that died: take it over
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(descriptor, str(os.getpid()).encode())
+        os.close(descriptor)
+        try:
+            start = time.perf_counter()
+            job()
+            print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
+        except NotReady as waiting:
+            print(f"{label}: later ({waiting})", flush=True)
+        finally:
+            lock.unlink(missing_ok=True)
+    print("all done (or the rest is running in another call); `report` writes the tables")
 
 
 def report(args: argparse.Namespace) -> str:

@@ -64,9 +64,9 @@ def test_variances_and_effective_rank_are_logged(corpus, tmp_path):
 
 
 def test_a_collapsing_run_is_stopped_with_its_checkpoint_kept(corpus, tmp_path):
-    # A teacher that copies the student after every step (EMA decay 0) with a large learning rate: within a few dozen
-    # steps every clip gets nearly the same embedding while the loss still falls (the failure the guard exists for).
-    collapsing = dict(max_steps=300, learning_rate=5e-3, collapse_check_after=0, collapse_patience=5,
+    # Without RR, a teacher that copies the student after every step (EMA decay 0) with a large learning rate: within a
+    # few dozen steps every clip gets nearly the same embedding while the loss still falls (what the guard is for).
+    collapsing = dict(max_steps=300, learning_rate=5e-3, collapse_check_after=0, collapse_patience=5, rr_encoder="none",
                       **{"model.ema_decay": 0.0, "model.ema_end_decay": 0.0})
     out = tmp_path / "collapse"
     with pytest.raises(CollapseError, match="collapsed") as caught:

@@ -401,7 +401,7 @@ def test_encoder_weights_of_another_shape_are_reported_not_hidden(encoder_dir, t
 
 
 def test_short_clips_are_padded_to_the_batch_with_a_mask_not_to_max_length():
-    from cat_hf.finetune import featurize
+    from cat_hf.training import featurize
 
     extractor = CATFeatureExtractor(max_length=256)
     waves = torch.zeros(3, 32000)

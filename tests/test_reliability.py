@@ -582,7 +582,7 @@ def test_a_damaged_checkpoint_named_explicitly_or_no_complete_one_is_an_error(fi
 
 
 @pytest.mark.parametrize(("flag", "value", "key"), [
-    ("--batch-size", "8", "batch_size"), ("--set", "max_steps=300", "max_steps"), ("--set", "seed=7", "seed"),
+    ("--batch-size", "6", "batch_size"), ("--set", "max_steps=300", "max_steps"), ("--set", "seed=7", "seed"),
     ("--set", "model.num_hidden_layers=3", "model.num_hidden_layers"), ("--data", "OTHER", "data"),
     ("--set", "learning_rate=0.1", "learning_rate"),
 ])
@@ -603,8 +603,8 @@ def test_resume_with_other_settings_names_them_and_the_override(finished_run, co
     assert f"{key}: " in error and f"--allow-changed {key}" in error and "Traceback" not in error
     from cat_hf.pretrain import check_run_folder, config_from_args
 
-    parser = cli.build_parser()
-    allowed = parser.parse_args([*args, "--allow-changed", key])
+    allowed = [*args, "--allow-changed", key]
+    allowed = cli.build_parser(allowed).parse_args(allowed)
     check_run_folder(config_from_args(allowed))  # told by name: accepted
 
 
@@ -619,7 +619,8 @@ def test_pretraining_into_a_finetuned_classifier_is_refused_unless_told(classifi
 
     from cat_hf.pretrain import check_run_folder, config_from_args
 
-    check_run_folder(config_from_args(cli.build_parser().parse_args([*args, "--overwrite-output-dir"])))
+    told = [*args, "--overwrite-output-dir"]
+    check_run_folder(config_from_args(cli.build_parser(told).parse_args(told)))
 
 
 # ================================================================================================================

@@ -36,6 +36,30 @@ def test_registry_names_sizes_and_specs():
         parse_encoder_spec("no-such-encoder")
 
 
+def test_slaney_filterbank_has_unit_area_triangles_up_to_nyquist():
+    from cat_hf.teachers.frontend import slaney_mel_filterbank
+
+    weights = slaney_mel_filterbank(16000, 400, 40)  # (201 bins of 40 Hz, 40 bands), Resemblyzer's front end
+    assert weights.shape == (201, 40) and weights.min() >= 0.0
+    areas = weights.sum(axis=0) * 40.0  # Riemann sum over the 40 Hz bins of each triangle
+    np.testing.assert_allclose(areas[10:], 1.0, rtol=0.05)  # bands wider than a few bins: unit area
+    peaks = weights.argmax(axis=0)
+    assert np.all(np.diff(peaks) >= 0) and peaks[-1] > 150  # ordered centres that reach the top of the spectrum
+    # linear below 1 kHz: the first bands are equally spaced (the 40 bands span 0-8 kHz, ~15 below 1 kHz)
+    assert np.ptp(np.diff(peaks[:8] * 40.0)) <= 40.0
+
+
+def test_resemblyzer_windows_cover_the_clip_like_embed_utterance():
+    from cat_hf.teachers.resemblyzer import ResemblyzerEmbedder
+
+    embedder = ResemblyzerEmbedder()  # the windowing does not depend on the weights
+    rng = np.random.default_rng(0)
+    # 3 s: windows start at frames 0, 77, 154; the last covers 91 % of its 1.6 s with audio and is kept
+    assert embedder.windows(torch.from_numpy(rng.standard_normal(48000).astype(np.float32))).shape == (3, 160, 40)
+    # 0.5 s: one zero-padded window, whatever its coverage
+    assert embedder.windows(torch.from_numpy(rng.standard_normal(8000).astype(np.float32))).shape == (1, 160, 40)
+
+
 def test_weights_are_fetched_from_the_pinned_wheel_and_verified(tmp_path, monkeypatch):
     monkeypatch.setenv("CAT_HF_CACHE", str(tmp_path))
     path = fetch(RESEMBLYZER_WEIGHTS)  # pip download --no-deps of Resemblyzer 0.1.4, one file extracted
@@ -66,6 +90,12 @@ def test_teachers_give_the_published_networks_embeddings(teachers):
     speaker = teachers["resemblyzer"]([_chirp(16000)])[0]
     assert float(speaker.norm()) == pytest.approx(1.0, abs=1e-5)
     assert int(speaker.argmax()) == 67 and float(speaker.max()) == pytest.approx(0.27119, abs=2e-4)
+    # clips quieter than -30 dBFS are raised to it (Resemblyzer's normalisation); louder ones are left alone
+    rng = np.random.default_rng(1)
+    clip = 0.1 * rng.standard_normal(48000).astype(np.float32)  # RMS 0.1: -20 dBFS
+    loud, quiet, quieter = teachers["resemblyzer"]([clip, clip * 0.1, clip * 0.01])
+    torch.testing.assert_close(quiet, quieter, atol=1e-5, rtol=1e-4)
+    assert (quiet - loud).abs().max() > 1e-4
 
 
 def test_embeddings_do_not_depend_on_the_batch(teachers):
@@ -94,13 +124,13 @@ def test_pretraining_with_a_shipped_teacher_embeds_the_corpus_once(tmp_path):
     out = tmp_path / "out"
     config = PretrainConfig.from_yaml("tiny").with_overrides({
         **MICRO, "data": str(corpus), "output_dir": str(out), "clip_seconds": 1.28, "max_steps": 3,
-        "warmup_steps": 0, "progress_bar": False, "report_to": "none", "rr_encoder": "resemblyzer",
+        "warmup_steps": 0, "batch_size": 4, "progress_bar": False, "report_to": "none", "rr_encoder": "resemblyzer",
         "rr_standardize": True, "model.rr_pooling": "mean"})
     result = pretrain(config)
     model = result["model"]
     assert model.rr_projector.out_features == 256  # rr_embedding_dim: auto took the teacher's size
     index = json.loads((out / RR_CACHE_DIR / "index.json").read_text())
-    assert index["complete"] and index["num_embeddings"] == 6 and "resemblyzer" in index["encoder"]
+    assert index["complete"] and index["num_embeddings"] == 6 and index["encoder"]["name"] == "resemblyzer-0.1.4"
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert all(r["rr_loss"] > 0 for r in records)
     summary = json.loads((out / "training_summary.json").read_text())

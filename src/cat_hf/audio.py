@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 #: Rate every model input is resampled to; the CAT feature extractor expects 16 kHz.
 DEFAULT_SAMPLING_RATE = 16000
+#: Below this no recording exists: such a rate is a broken header (resampled, a few samples at 2 Hz would become
+#: hours of audio, and a run that seems to hang).
+MIN_SAMPLING_RATE = 1000
 
 #: File name endings treated as audio when scanning folders.
 AUDIO_EXTENSIONS: tuple[str, ...] = (
@@ -112,15 +115,11 @@ def load_audio(source: AudioSource, target_sr: int | None = DEFAULT_SAMPLING_RAT
         raise AudioDecodeError(name, "it contains NaN or infinite sample values")
     if sampling_rate is None or sampling_rate <= 0:
         raise AudioDecodeError(name, f"invalid sampling rate {sampling_rate!r}")
+    check_sampling_rate(sampling_rate, name)
 
     channels_first = np.ascontiguousarray(samples.T)  # (channels, frames)
     if mono:
-        if channels_first.shape[0] == 1:
-            waveform = channels_first[0]
-        elif channels_first.shape[1] >= channels_first.shape[0]:
-            waveform = np.asarray(downmix_to_mono(channels_first), dtype=np.float32)
-        else:  # fewer frames than channels: the helper's "smaller axis = channels" rule would pick frames
-            waveform = channels_first.mean(axis=0, dtype=np.float32)
+        waveform = np.asarray(downmix_to_mono(channels_first, channel_axis=0), dtype=np.float32)
         if target_sr is not None and int(sampling_rate) != int(target_sr):
             waveform = np.asarray(resample_audio(waveform, int(sampling_rate), int(target_sr)), dtype=np.float32)
         waveform = np.ascontiguousarray(waveform.reshape(-1))
@@ -136,6 +135,15 @@ def load_audio(source: AudioSource, target_sr: int | None = DEFAULT_SAMPLING_RAT
             ]
         )
     return np.ascontiguousarray(channels_first, dtype=np.float32)
+
+
+def check_sampling_rate(rate: float, source: str) -> None:
+    """AudioDecodeError for a rate below MIN_SAMPLING_RATE, naming `source`: a broken header, not audio."""
+    if rate < MIN_SAMPLING_RATE:
+        raise AudioDecodeError(
+            source, f"its sampling rate is {rate:g} Hz, below the {MIN_SAMPLING_RATE} Hz of any audio recording (the "
+            "header is wrong, or the data is not audio); write the file with its true rate"
+        )
 
 
 def audio_info(source: AudioSource) -> AudioInfo:

@@ -14,7 +14,8 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("cat_hf.convert", "convert an original fairseq CAT checkpoint to a Hugging Face folder"),
-    "embed": ("cat_hf.embed", "precompute and cache external-encoder embeddings for Representation Regularization"),
+    "embed": ("cat_hf.embed", "clip / frame embeddings of a corpus with a CAT model (--model), or cache an external "
+                              "encoder's RR targets (--encoder)"),
     "pretrain": ("cat_hf.pretrain", "pretrain CAT (bootstrap EMA teacher + Representation Regularization)"),
     "finetune": ("cat_hf.finetune", "finetune CAT on labelled audio, fully or with LoRA"),
     "evaluate": ("cat_hf.evaluation", "evaluate a classifier: accuracy / mAP / mAUC / d-prime, per-class CSV"),
@@ -24,10 +25,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv` (default: the process's arguments); only the requested subcommand's flags are built."""
     parser = argparse.ArgumentParser(prog="cat-hf", description="CAT, the Convolutional Audio Transformer, on the Hugging Face stack.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    requested = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    requested = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         # Only the module of the requested subcommand is imported (argument definitions included).
@@ -37,10 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -428,7 +429,9 @@ def _write_result_files(
     )
     atomic_write_bytes(files["predictions"], _csv_bytes(header, rows))
 
-    if not multi_label:
+    if not multi_label and importlib.util.find_spec("matplotlib") is None:
+        logger.info("confusion_matrix.png is not drawn: it needs matplotlib (pip install 'cat-hf[plots]').")
+    elif not multi_label:
         files["confusion_matrix"] = named(CONFUSION_MATRIX_FILE)
         atomic_write_bytes(
             files["confusion_matrix"],

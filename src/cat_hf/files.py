@@ -94,18 +94,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def json_safe(value: Any) -> Any:
-    """Strict-JSON view of a value: NaN/inf -> None, numpy scalars -> Python, paths -> str, keys -> str."""
+def json_safe(value: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """Strict-JSON view of a value: NaN/inf -> None, numpy scalars -> Python, paths -> str, keys -> str, tuples ->
+    lists; any other object -> `default(object)` (when given)."""
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, default) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, default) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if default is not None and not isinstance(value, (str, int, float, bool, type(None))):
+        return default(value)
     return value
 
 

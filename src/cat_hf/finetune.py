@@ -1,8 +1,9 @@
 """Finetune CAT on labelled audio: full finetuning, a frozen-encoder linear probe, or LoRA.
 
-Entry points: `cat-hf finetune --config RECIPE [--flag value ...]`, `accelerate launch -m cat_hf.finetune ...`, and
-`finetune(config) -> dict` from Python. A recipe is a YAML file of `FinetuneConfig` fields (the packaged ones:
-`tiny`, `as20k`, `as2m`, `esc50`, `spcv2`, i.e. `cat_hf/recipes/finetune_<name>.yaml`); command-line flags override it.
+Entry points: `cat-hf finetune --config RECIPE [--flag value ...] [--set key=value ...]`, `accelerate launch -m
+cat_hf.finetune ...`, and `finetune(config) -> dict` from Python. A recipe is a YAML file of `FinetuneConfig` fields
+(the packaged ones: `tiny`, `as20k`, `as2m`, `esc50`, `spcv2`, i.e. `cat_hf/recipes/finetune_<name>.yaml`);
+command-line flags and `--set` override it (`cat_hf.training_config`).
 
 The run, top to bottom (`finetune`):
 
@@ -16,27 +17,22 @@ The run, top to bottom (`finetune`):
    problem_type=..., ignore_mismatched_sizes=True)` (a converted or pretrained CAT folder), or a `preset` from
    scratch; the head is re-initialised unless the folder's labels are exactly ours. Then LoRA (`cat_hf.lora`) or
    the linear probe (only `fc_norm` + `classifier` train, the encoder runs in eval mode) when asked.
-3. **Optimiser** - AdamW (decoupled weight decay, as fairseq's Adam), betas (0.9, 0.95), weight decay 0.05 except
-   for biases and 1-D parameters (norms); layer-wise learning-rate decay; linear warm-up from `min_learning_rate`
-   then cosine down to it (fairseq's cosine schedule).
+3. **Optimiser** (`cat_hf.optimization`) - AdamW, betas (0.9, 0.95), weight decay 0.05 except for biases and 1-D
+   parameters (norms); layer-wise learning-rate decay (`layer_decay`, default 0.65 for full finetuning and 1.0 for
+   LoRA and the linear probe; `layer_decay_stem` for the BEiT rule); linear warm-up from `min_learning_rate`, then
+   cosine down to it (fairseq's cosine schedule).
 4. **Loop** - waveform augmentations (roll, gain), Kaldi features on the training device, targets (one-hot with
    label smoothing, or multi-hot), feature augmentations (noise, mixup, SpecAugment) from `cat_hf.augment`, the
    loss (soft-target cross-entropy or BCE), Accelerate for devices / mixed precision / gradient accumulation.
    Every `eval_steps` the validation set is scored (accuracy or mAP via `cat_hf.metrics`) and the best model is
-   saved to `<output_dir>/checkpoint-best`.
+   saved to `<output_dir>/checkpoint-best`. The whole training state is checkpointed (`cat_hf.checkpoints`) every
+   `save_every` steps, at the end of a session and on SIGTERM / SIGINT; `--resume` continues exactly (the same
+   weights, validation history and best checkpoint as an uninterrupted run).
 5. **Export** - the best checkpoint becomes `output_dir`: model (or LoRA adapter) + feature extractor +
    `training_summary.json`, then `cat_hf.evaluation.evaluate_model` writes `eval_results.json` (whole clips with
    sliding windows). A full-finetuning folder is served by `pipeline("audio-classification", model=output_dir)`;
    multi-label models carry `problem_type="multi_label_classification"`, which makes the pipeline apply sigmoid.
    With `--lora --merge`, `<output_dir>/merged` is the pipeline-ready folder.
-
-Layer-wise learning-rate decay, as the authors' code assigns it (data2vec 2.0 "multi" branch of
-`EAT_audio_classification.py`): with L transformer blocks, block i (0-based) gets `lr * decay ** (L - i)`, i.e.
-`decay ** (L + 1 - (i + 1))` - the top block already 0.65x, the first 0.65**L. Everything outside the blocks - the
-convolutional stem, the CLS token, the (fixed) positions, the context LayerNorm, `fc_norm` and the classifier -
-keeps the full learning rate: the original only sets `lr_scale` on block parameters. `layer_decay_stem=True` gives
-the BEiT rule instead (stem, CLS token and context norm at `decay ** (L + 1)`). `layer_decay` defaults to 0.65 for
-full finetuning and 1.0 (no decay) for LoRA and the linear probe.
 """
 
 from __future__ import annotations
@@ -49,12 +45,11 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +57,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from .audio import DEFAULT_SAMPLING_RATE, is_audio_file
 from .augment import AugmentationConfig, Augmenter
+from .checkpoints import (
+    LOGS_DIR,
+    SUMMARY_FILE,
+    CheckpointWriteError,
+    Checkpoints,
+    TrainState,
+    check_resume_settings,
+    find_resume_checkpoint,
+)
 from .data import (
     LABELS_COLUMN,
     MULTI_LABEL,
@@ -73,22 +76,33 @@ from .data import (
     SPLIT_FOLDER_NAMES,
     AudioClipDataset,
     CorpusError,
+    _row_ids,
     build_label_maps,
     collate_skip_bad,
-    _row_ids,
     load_audio_corpus,
     split_corpus,
     validate_corpus,
 )
 from .feature_extraction_cat import FEATURE_PRESETS, CATFeatureExtractor
 from .files import atomic_write_json, write_folder_atomically
-from .lora import DEFAULT_MODULES_TO_SAVE, DEFAULT_TARGET_MODULES
-from .pretrain import LOGS_DIR, describe_hardware
+from .lora import (
+    DEFAULT_MODULES_TO_SAVE,
+    DEFAULT_TARGET_MODULES,
+    LoraSettings,
+    add_lora,
+    count_parameters,
+    describe_trainable,
+    load_lora_model,
+    merge_lora,
+    save_lora_adapter,
+)
+from .optimization import adamw, build_param_groups, warmup_cosine, warmup_cosine_schedule  # noqa: F401 (tests)
+from . import training
+from .training_config import ConfigError, RecipeConfig, add_config_arguments, parse_config
 
 logger = logging.getLogger(__name__)
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-SUMMARY_FILE = "training_summary.json"
+CONFIG_FILE = "finetune_config.yaml"
 BEST_CHECKPOINT_DIR = "checkpoint-best"
 MERGED_DIR = "merged"
 PROBLEM_TYPES = ("auto", SINGLE_LABEL, MULTI_LABEL)
@@ -99,9 +113,12 @@ PADDINGS = ("longest", "max_length")
 FOLDER_GROUP_PREFIX = "folder:"
 #: Layer decay when `layer_decay` is not set: the paper's value for full finetuning, none for LoRA / linear probe.
 DEFAULT_LAYER_DECAY = 0.65
+#: What an evaluation writes beside a model (`cat_hf.evaluation`): it describes that model, so a run that replaces the
+#: model with --overwrite-output-dir removes it rather than leave results of the old model beside the new one.
+EVALUATION_FILE_PATTERNS = ("eval_results.json", "per_class_scores*.csv", "predictions*.csv", "confusion_matrix*.png")
 
 
-class FinetuneConfigError(ValueError):
+class FinetuneConfigError(ConfigError):
     """A finetuning setting is invalid; the message names the setting and the fix."""
 
 
@@ -110,7 +127,7 @@ class FinetuneConfigError(ValueError):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RecipeConfig):
     """Every setting of a finetuning run; a recipe YAML holds a subset of these fields.
 
     Data:
@@ -164,6 +181,10 @@ class FinetuneConfig:
         the A matrices'; 1 = plain LoRA); merge (write a merged copy of the LoRA model to `<output_dir>/merged`).
     Run: output_dir, overwrite_output_dir, seed, num_workers, threads (torch's CPU threads; one per process is
         fastest where several jobs share a machine), logging_steps, report_to (e.g. ["tensorboard"]).
+    Checkpoints: save_every (the whole training state every N steps; 0: only at the end of a session and on a
+        signal), keep_checkpoints; resume (None, "latest", "auto" or a checkpoint folder; the settings that shape
+        the state must be those of the run that wrote it, except those in resume_allow_changed); stop_at_step (end
+        this session there with a checkpoint, although the schedule runs to max_steps).
     """
 
     # data
@@ -242,29 +263,24 @@ class FinetuneConfig:
     threads: int | None = None
     logging_steps: int = 50
     report_to: list[str] = field(default_factory=list)
+    # checkpoints
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    resume_allow_changed: list[str] = field(default_factory=list)
+    stop_at_step: int | None = None
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+    recipe_prefix = "finetune_"
+    setting_noun = "finetuning setting"
+    error = FinetuneConfigError
+    config_file = CONFIG_FILE
+    resume_free_settings = frozenset({
+        "output_dir", "overwrite_output_dir", "resume", "resume_allow_changed", "stop_at_step", "save_every",
+        "keep_checkpoints", "num_workers", "threads", "logging_steps", "report_to", "activation_checkpointing",
+        "check_audio", "baseline", "merge", "test_data", "test_split", "eval_batch_size",
+    })
+    path_settings = frozenset({"data", "validation_data", "test_data", "model"})
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], origin: str = "the settings") -> FinetuneConfig:
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise FinetuneConfigError(
-                f"Unknown finetuning setting(s) {unknown} in {origin}; valid settings are {cls.field_names()}."
-            )
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        return cls(**{name: _coerce(name, value, types[name], origin) for name, value in values.items()})
-
-    @classmethod
-    def from_yaml(cls, recipe: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
-        """Load a recipe (a YAML path, or a packaged name like "esc50") and apply `overrides`."""
-        path = resolve_recipe(recipe)
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise FinetuneConfigError(f"Recipe '{path}' must be a mapping of settings (key: value lines).")
-        return cls.from_dict({**loaded, **overrides}, origin=f"recipe '{path}'")
 
     def validate(self) -> None:
         """Raise FinetuneConfigError for settings that cannot work, before anything is loaded."""
@@ -289,7 +305,8 @@ class FinetuneConfig:
             fail(f"metric={self.metric!r} is not one of {METRICS}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             fail(f"mixed_precision={self.mixed_precision!r} is not one of ('no', 'fp16', 'bf16').")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps",
+                     "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -318,6 +335,9 @@ class FinetuneConfig:
             fail(f"padding={self.padding!r} is not one of {PADDINGS}.")
         if self.threads is not None and self.threads < 1:
             fail(f"threads must be >= 1, got {self.threads}.")
+        if self.save_every < 0 or (self.stop_at_step is not None and self.stop_at_step < 1):
+            fail(f"save_every must be >= 0 and stop_at_step >= 1 (or null), got {self.save_every} and "
+                 f"{self.stop_at_step}.")
         if self.validation_group_by is not None and (self.validation_data is not None or self.validation_split):
             fail("validation_group_by groups the clips held out of the training corpus; it has no effect with "
                  "validation_data or validation_split.")
@@ -342,35 +362,9 @@ class FinetuneConfig:
         return "lora" if self.lora else "linear_probe" if self.linear_probe else "full"
 
 
-def _coerce(name: str, value: Any, annotation: str, origin: str) -> Any:
-    """YAML reads `5e-5` as a string (it wants `5.0e-5`): turn numeric-looking strings into numbers."""
-    if not isinstance(value, str) or annotation.startswith("str"):
-        return value
-    try:
-        if annotation.startswith("float | int"):
-            return _fraction_or_count(value)
-        if annotation.startswith("float"):
-            return float(value)
-        if annotation.startswith("int"):
-            return int(value)
-    except ValueError:
-        raise FinetuneConfigError(f"Setting {name}={value!r} in {origin} is not a number.") from None
-    if annotation == "bool" and value.lower() in ("true", "false", "yes", "no"):
-        return value.lower() in ("true", "yes")
-    return value
 
-
-def resolve_recipe(recipe: str | os.PathLike) -> Path:
-    """A YAML path, or the name of a packaged recipe (`esc50` -> recipes/finetune_esc50.yaml)."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    text = os.fspath(recipe)
-    for candidate in (RECIPES_DIR / f"finetune_{text}.yaml", RECIPES_DIR / f"{text}.yaml", RECIPES_DIR / text):
-        if candidate.is_file():
-            return candidate
-    available = sorted(p.stem.removeprefix("finetune_") for p in RECIPES_DIR.glob("finetune_*.yaml"))
-    raise FinetuneConfigError(f"Recipe '{recipe}' is neither a YAML file nor a packaged recipe; packaged: {available}.")
+#: A YAML path, or the name of a packaged recipe (`esc50` -> recipes/finetune_esc50.yaml).
+resolve_recipe = FinetuneConfig.recipe_path
 
 
 # ================================================================================================================
@@ -572,13 +566,6 @@ def balanced_sample_weights(tag_lists: Sequence[Sequence[str]]) -> torch.Tensor:
 # 2. Model
 
 
-def clip_samples_for(feature_extractor: CATFeatureExtractor) -> int:
-    """Waveform samples that give exactly `max_length` frames (25 ms window, 10 ms shift)."""
-    window = int(feature_extractor.sampling_rate * feature_extractor.frame_length_ms / 1000)
-    shift = int(feature_extractor.sampling_rate * feature_extractor.frame_shift_ms / 1000)
-    return window + (feature_extractor.max_length - 1) * shift
-
-
 def build_feature_extractor(config: FinetuneConfig) -> CATFeatureExtractor:
     """The model folder's extractor (else the AudioSet one), then `feature_preset`, then `max_length` on top."""
     extractor = None
@@ -730,88 +717,55 @@ def set_train_mode(model: torch.nn.Module, accelerator: Any, linear_probe: bool)
     if linear_probe:
         accelerator.unwrap_model(model).cat.eval()
 
-
-# ================================================================================================================
-# 3. Optimiser
-
-
-_BLOCK_PATTERN = re.compile(r"(?:^|\.)cat\.layers\.(\d+)\.")
-_STEM_PATTERN = re.compile(r"(?:^|\.)cat\.embeddings\.")
-
-
-def layer_lr_scale(name: str, num_layers: int, layer_decay: float, decay_stem: bool = False) -> float:
-    """Learning-rate multiplier of a parameter (the rule is in the module docstring)."""
-    block = _BLOCK_PATTERN.search(name)
-    if block is not None:
-        return layer_decay ** (num_layers - int(block.group(1)))
-    if decay_stem and _STEM_PATTERN.search(name):
-        return layer_decay ** (num_layers + 1)
-    return 1.0
+def task_loss_and_metric(config: FinetuneConfig, data: PreparedData) -> tuple[str, str]:
+    """The loss ("ce" / "bce") and the best-checkpoint metric ("accuracy" / "mAP") of `auto` for the data's task."""
+    loss = config.loss if config.loss != "auto" else ("bce" if data.problem_type == MULTI_LABEL else "ce")
+    if loss == "ce" and data.problem_type == MULTI_LABEL:
+        raise FinetuneConfigError("loss='ce' needs single-label data; multi-label tagging uses loss='bce' (or 'auto').")
+    metric = config.metric if config.metric != "auto" else ("mAP" if data.problem_type == MULTI_LABEL else "accuracy")
+    if metric == "accuracy" and data.problem_type == MULTI_LABEL:
+        raise FinetuneConfigError("metric='accuracy' needs single-label data; use metric='mAP' (or 'auto').")
+    return loss, metric
 
 
-def uses_weight_decay(name: str, parameter: torch.Tensor) -> bool:
-    """No weight decay on biases and 1-D parameters (LayerNorm weights), as the original."""
-    return parameter.ndim > 1 and not name.endswith(".bias")
+def adapt_model(config: FinetuneConfig, model: Any, accelerator: Any) -> Any:
+    """LoRA adapters (`cat_hf.lora`) or a frozen encoder (linear probe) when asked; says what trains."""
+    if config.lora:
+        model = add_lora(model, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                             target_modules=list(config.lora_target_modules),
+                                             modules_to_save=list(config.lora_modules_to_save)), verbose=False)  # fmt: skip
+    elif config.linear_probe:
+        freeze_encoder(model)
+    accelerator.print(describe_trainable(model, config.mode.replace("_", " ")))
+    return model
 
 
-def build_param_groups(
-    model: torch.nn.Module,
-    *,
-    learning_rate: float,
-    weight_decay: float,
-    layer_decay: float,
-    num_layers: int,
-    decay_stem: bool = False,
-    lora_plus_ratio: float = 1.0,
-) -> list[dict[str, Any]]:
-    """One AdamW group per (lr scale, weight decay on/off) over the trainable parameters. `lora_plus_ratio` is
-    LoRA+'s lambda (Hayou et al., 2024): the LoRA B matrices learn that many times faster than the A matrices."""
-    groups: dict[tuple[float, bool], dict[str, Any]] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        scale = layer_lr_scale(name, num_layers, layer_decay, decay_stem)
-        if ".lora_B." in name:
-            scale *= lora_plus_ratio
-        decay = uses_weight_decay(name, parameter)
-        group = groups.setdefault((scale, decay), {
-            "params": [], "names": [], "lr": learning_rate * scale, "lr_scale": scale,
-            "weight_decay": weight_decay if decay else 0.0,
-        })  # fmt: skip
-        group["params"].append(parameter)
-        group["names"].append(name)
-    if not groups:
-        raise FinetuneConfigError("The model has no trainable parameters; check the lora / linear_probe settings.")
-    return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
-
-
-def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Learning-rate factor: linear from `min_ratio` to 1 over the warm-up, then cosine back down to `min_ratio`."""
-    if step < warmup_steps:
-        return min_ratio + (1.0 - min_ratio) * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def build_loaders(config: FinetuneConfig, data: PreparedData, feature_extractor: CATFeatureExtractor):
+    """(training clips, training loader, its EpochSampler, validation clips, validation loader). Training crops
+    `max_length` frames' worth of samples at random (seeded by seed, epoch and clip); validation takes the start."""
+    clip_samples = training.samples_for_frames(feature_extractor.max_length, feature_extractor.sampling_rate,
+                                      feature_extractor.frame_length_ms, feature_extractor.frame_shift_ms)
+    dataset_kwargs = dict(clip_samples=clip_samples, label2id=data.label2id, problem_type=data.problem_type,
+                          seed=config.seed, sampling_rate=feature_extractor.sampling_rate)  # fmt: skip
+    train_set = AudioClipDataset(data.train, train=True, **dataset_kwargs)
+    validation_set = AudioClipDataset(data.validation, train=False, **dataset_kwargs)
+    weights = balanced_sample_weights(_tag_lists(data.train)) if config.balanced_sampling else None
+    sampler = training.EpochSampler(len(train_set), config.seed, weights,
+                                    config.samples_per_epoch if weights is not None else None)
+    loader_kwargs = dict(collate_fn=collate_skip_bad, num_workers=config.num_workers,
+                         persistent_workers=config.num_workers > 0)  # fmt: skip
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=config.batch_size, sampler=sampler, drop_last=len(sampler) >= config.batch_size,
+        **loader_kwargs,
+    )  # fmt: skip
+    validation_loader = torch.utils.data.DataLoader(
+        validation_set, batch_size=config.eval_batch_size or config.batch_size, shuffle=False, **loader_kwargs
+    )
+    return train_set, train_loader, sampler, validation_set, validation_loader
 
 
 # ================================================================================================================
-# 4. Training step pieces
-
-
-def featurize(
-    feature_extractor: CATFeatureExtractor, waveforms: torch.Tensor, lengths: torch.Tensor, device: torch.device,
-    padding: str = "max_length",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, N) zero-padded waveforms -> (features (B, T, 128), attention mask (B, T) or None). Each clip is cut to
-    its real length first. "max_length": every clip padded to max_length frames in the filter-bank domain, as the
-    original does, without a mask; "longest": the batch padded to its longest clip (whole patches, at most
-    max_length frames) with the mask of the real frames."""
-    window = int(feature_extractor.sampling_rate * feature_extractor.frame_length_ms / 1000)
-    clips = [wave[: max(int(n), window)] for wave, n in zip(waveforms.float().cpu(), lengths.tolist())]
-    masked = padding == "longest"
-    inputs = feature_extractor(clips, sampling_rate=feature_extractor.sampling_rate, padding=padding,
-                               truncation=True if masked else None, return_attention_mask=masked,
-                               return_tensors="pt", device=device)  # fmt: skip
-    return inputs["input_values"], inputs.get("attention_mask")
+# 3. Training step pieces and validation
 
 
 def make_targets(labels: torch.Tensor, num_labels: int, problem_type: str, label_smoothing: float) -> torch.Tensor:
@@ -833,10 +787,6 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torc
     return F.binary_cross_entropy_with_logits(logits, targets)
 
 
-# ================================================================================================================
-# Validation
-
-
 class Validator:
     """Scores the validation loader with the run's metric (accuracy via topk_accuracy, mAP via multilabel_tagging)."""
 
@@ -856,8 +806,8 @@ class Validator:
         for batch in loader:
             if batch is None:
                 continue
-            features, mask = featurize(feature_extractor, batch["waveform"], batch["length"], accelerator.device,
-                                       self.padding)
+            features, mask = training.featurize(feature_extractor, batch["waveform"], batch["length"],
+                                                accelerator.device, self.padding)
             logits = model(input_values=features, attention_mask=mask).logits.float()
             logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
             probabilities = torch.sigmoid(logits) if self.problem_type == MULTI_LABEL else torch.softmax(logits, -1)
@@ -876,14 +826,8 @@ class Validator:
         return {"accuracy": float(result["accuracy"]), "num_examples": len(predictions)}
 
 
-# ================================================================================================================
-# 5. Saving and export
-
-
 def save_checkpoint(model, feature_extractor: CATFeatureExtractor, folder: Path, lora: bool) -> None:
     """The model (or the LoRA adapter alone) + feature extractor, every file written atomically."""
-    from .lora import save_lora_adapter
-
     if lora:
         save_lora_adapter(model, folder, feature_extractor)
         return
@@ -913,14 +857,321 @@ def fit_baseline(data: PreparedData, feature_extractor: CATFeatureExtractor, see
     return {**result, "split": "test" if data.test is not None else "validation"}
 
 
-#: What an evaluation writes beside a model (`cat_hf.evaluation`): it describes that model, so a run that replaces the
-#: model with --overwrite-output-dir removes it rather than leave results of the old model beside the new one.
-EVALUATION_FILE_PATTERNS = ("eval_results.json", "per_class_scores*.csv", "predictions*.csv", "confusion_matrix*.png")
+# ================================================================================================================
+# 4. The run
 
 
-def _prepare_output_dir(config: FinetuneConfig) -> Path:
-    output_dir = Path(config.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
+@dataclass
+class FinetuneState(TrainState):
+    """Where a finetuning run is (saved per process with every checkpoint, restored by --resume)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per validation
+    best_step: int | None = None
+    best_metric: float | None = None
+    running_loss: float = 0.0  # summed micro-batch losses since the last log line
+    running_count: int = 0
+
+
+@dataclass
+class FinetuneRun:
+    """What the loop works with, built by `start_run`."""
+
+    config: FinetuneConfig
+    accelerator: Any
+    output_dir: Path
+    data: PreparedData
+    feature_extractor: CATFeatureExtractor
+    loss_kind: str
+    metric: str
+    model: Any  # as prepared by Accelerate
+    optimizer: Any
+    scheduler: Any
+    batches: Iterator[dict]
+    train_set: AudioClipDataset
+    validation_set: AudioClipDataset
+    validation_loader: Any
+    augmentation: AugmentationConfig
+    validator: Validator
+    checkpoints: Checkpoints
+    state: FinetuneState
+    trainable_parameters: tuple[int, int]  # (trainable, total)
+
+
+def finetune(config: FinetuneConfig | Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """Run (or resume) a finetuning job end to end (see the module docstring). A finished run returns its training
+    summary, with the final evaluation under "eval_results" and the written folders under "output_dir" /
+    "merged_dir"; a run stopped by a signal or at stop_at_step returns where its state is ("checkpoint") and
+    why it stopped ("interrupted": the signal's name, or None). Other processes than the main one return {}."""
+    config = FinetuneConfig.from_any(config)
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output_dir, resume_from = check_run_folder(config)
+    accelerator = training.make_accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        project_dir=output_dir, logging_dir=output_dir / LOGS_DIR, log_with=list(config.report_to) or None,
+    )
+    try:
+        run = start_run(config, accelerator, output_dir, resume_from)
+        interrupted, checkpoint = train(run)
+        if run.state.step < config.max_steps or interrupted:
+            return _unfinished(run, interrupted, checkpoint)
+        return export(run)
+    finally:
+        training.release_accelerator(accelerator)
+
+
+def start_run(config: FinetuneConfig, accelerator: Any, output_dir: Path, resume_from: Path | None) -> FinetuneRun:
+    """Data, model, optimiser, schedule and loaders on the accelerator, restored from `resume_from` (if any)."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    feature_extractor = build_feature_extractor(config)
+    data = prepare_data(config, feature_extractor.sampling_rate)
+    loss_kind, metric = task_loss_and_metric(config, data)
+    accelerator.print(
+        f"data: {data.summaries['train']['num_clips']} training / {data.summaries['validation']['num_clips']} "
+        f"validation clips, {len(data.label2id)} labels, {data.problem_type}, loss {loss_kind}, metric {metric}"
+    )
+    model = adapt_model(config, build_model(config, data, say=accelerator.print), accelerator)
+    counts = count_parameters(model)
+    groups = build_param_groups(model, learning_rate=config.effective_learning_rate(),
+                                weight_decay=config.weight_decay, layer_decay=config.effective_layer_decay(),
+                                num_layers=model.config.num_hidden_layers, decay_stem=config.layer_decay_stem,
+                                lora_plus_ratio=config.lora_plus_ratio)  # fmt: skip
+    optimizer = adamw(groups, learning_rate=config.effective_learning_rate(),
+                      betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                                       min_ratio=config.min_learning_rate / config.effective_learning_rate())
+    train_set, train_loader, sampler, validation_set, validation_loader = build_loaders(config, data,
+                                                                                        feature_extractor)
+    model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, validation_loader, scheduler
+    )
+    checkpoints = Checkpoints(accelerator, output_dir, config.keep_checkpoints)
+    checkpoints.remove_stale_temporaries()  # of a save that was killed
+    state = FinetuneState()
+    if resume_from is not None:
+        training.load_checkpoint(accelerator, resume_from)
+        state = FinetuneState.load(resume_from, accelerator.process_index)
+        accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
+        checkpoints.rewind(state.step)
+    if config.report_to:
+        accelerator.init_trackers("finetune", config=training.tracker_config(config))
+    batches = training.iterate_batches(accelerator, train_loader, sampler, train_set, state, lambda: CorpusError(
+        f"A whole pass over the {len(train_set)} training clips gave no usable batch ({train_set.num_skipped} clips "
+        "could not be decoded); check the audio files (check_audio / --check-audio lists them)."))
+    return FinetuneRun(config, accelerator, output_dir, data, feature_extractor, loss_kind, metric, model, optimizer,
+                       scheduler, batches, train_set, validation_set, validation_loader,
+                       AugmentationConfig(**config.augmentation_kwargs()),
+                       Validator(metric, data.problem_type, len(data.label2id), config.padding), checkpoints, state,
+                       counts)
+
+
+def train(run: FinetuneRun) -> tuple[str | None, Path | None]:
+    """Steps until max_steps (or stop_at_step, or a signal), validating every eval_steps and keeping the best model
+    in checkpoint-best/, with a checkpoint of the whole training state every save_every steps, at the end of the
+    session and when a signal arrives. Returns (the signal that stopped the run or None, the last checkpoint)."""
+    config, state, accelerator = run.config, run.state, run.accelerator
+    stop_at = min(config.max_steps, config.stop_at_step or config.max_steps)
+    accelerator.print(f"training steps {state.step + 1}..{stop_at} of {config.max_steps}, batch {config.batch_size} x "
+                      f"{config.gradient_accumulation_steps} accumulation x {accelerator.num_processes} process(es), "
+                      f"layer decay {config.effective_layer_decay()}"
+                      + (", activation checkpointing" if config.activation_checkpointing else ""))  # fmt: skip
+    set_train_mode(run.model, accelerator, config.linear_probe)
+    interrupted, checkpoint, started = None, None, time.perf_counter()
+    skipped_before = state.skipped_files  # the clip datasets count this session's skips
+    with training.StopSignals() as signals:
+        while state.step < stop_at and not interrupted:
+            step_start = time.perf_counter()
+            train_step(run)
+            if state.step % config.logging_steps == 0 or state.step == config.max_steps:
+                _log_progress(run, time.perf_counter() - started)
+            if state.step % config.eval_steps == 0 or state.step == config.max_steps:
+                validate(run)
+            interrupted = signals.agreed(accelerator)
+            state.train_seconds += time.perf_counter() - step_start
+            periodic = config.save_every and state.step % config.save_every == 0
+            if interrupted or periodic or state.step == stop_at:
+                state.skipped_files = skipped_before + run.train_set.num_skipped + run.validation_set.num_skipped
+                checkpoint = run.checkpoints.save(state, config)
+    return interrupted, checkpoint
+
+
+def train_step(run: FinetuneRun) -> None:
+    """One optimiser update over `gradient_accumulation_steps` micro-batches. Every random draw (augmentations,
+    dropout, drop path) comes from seeds of (seed, step, micro-batch, process): a resumed run repeats them."""
+    config, state, accelerator = run.config, run.state, run.accelerator
+    for micro in range(config.gradient_accumulation_steps):
+        batch = next(run.batches)
+        seed = training.derive_seed(config.seed, state.step, micro, accelerator.process_index)
+        torch.manual_seed(training.derive_seed(seed, 0))  # dropout, drop path
+        augmenter = Augmenter(run.augmentation, seed=training.derive_seed(seed, 1))
+        waveforms = augmenter.waveforms(batch["waveform"], batch["length"])
+        features, mask = training.featurize(run.feature_extractor, waveforms, batch["length"], accelerator.device,
+                                            config.padding)
+        targets = make_targets(batch["labels"], len(run.data.label2id), run.data.problem_type, config.label_smoothing)
+        features, targets, mask = augmenter.features(features, targets.to(features.device), mask)
+        with accelerator.accumulate(run.model):
+            logits = run.model(input_values=features, attention_mask=mask).logits
+            loss = compute_loss(logits, targets, run.loss_kind)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad],
+                                                config.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+        state.running_loss += float(loss.detach())
+        state.running_count += 1
+    run.scheduler.step()
+    state.step += 1
+
+
+def validate(run: FinetuneRun) -> None:
+    """Score the validation set; keep the model in checkpoint-best/ when it is the best so far."""
+    config, state, accelerator, metric = run.config, run.state, run.accelerator, run.metric
+    scores = run.validator(run.model, run.validation_loader, run.feature_extractor, accelerator)
+    set_train_mode(run.model, accelerator, config.linear_probe)
+    value = scores[metric]
+    improved = not math.isnan(value) and (state.best_metric is None or value > state.best_metric)
+    state.history.append({"step": state.step, "epoch": state.epoch, **scores, "best": improved})
+    accelerator.print(f"step {state.step}: validation {metric} {value:.4f}" + ("  (best so far)" if improved else ""))
+    accelerator.log({f"validation/{k}": v for k, v in scores.items()}, step=state.step)
+    if improved:
+        state.best_step, state.best_metric = state.step, value
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(accelerator.unwrap_model(run.model), run.feature_extractor,
+                            run.output_dir / BEST_CHECKPOINT_DIR, config.lora)
+
+
+def _log_progress(run: FinetuneRun, seconds: float) -> None:
+    state, optimizer = run.state, run.optimizer
+    lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]  # the base rate
+    loss = state.running_loss / max(state.running_count, 1)
+    run.accelerator.print(f"step {state.step}/{run.config.max_steps}  loss {loss:.4f}  lr {lr:.3g}  ({seconds:.0f} s)")
+    run.accelerator.log({"train/loss": loss, "train/lr": lr}, step=state.step)
+    state.running_loss, state.running_count = 0.0, 0
+
+
+def _unfinished(run: FinetuneRun, interrupted: str | None, checkpoint: Path | None) -> dict[str, Any]:
+    state, accelerator = run.state, run.accelerator
+    how = f"Stopped by {interrupted}" if interrupted else "Session ended (stop_at_step)"
+    accelerator.print(f"{how} at step {state.step} of {run.config.max_steps}; the training state is saved in "
+                      f"{checkpoint}. Continue with the same command plus --resume (or --resume {checkpoint}).")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {}
+    return {"output_dir": str(run.output_dir), "finished": False, "interrupted": interrupted, "steps": state.step,
+            "checkpoint": str(checkpoint) if checkpoint else None, "best_step": state.best_step,
+            "best_metric": state.best_metric, "history": state.history}
+
+
+# ================================================================================================================
+# 5. Export
+
+
+def export(run: FinetuneRun) -> dict[str, Any]:
+    """The best checkpoint becomes `output_dir`, with `training_summary.json`; then the final evaluation on whole
+    clips (a real round trip through the exported files), the log-mel baseline, and the merged LoRA model. The
+    main process returns the summary with the results; the others {}."""
+    run.accelerator.wait_for_everyone()
+    result = _export(run) if run.accelerator.is_main_process else {}
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def _export(run: FinetuneRun) -> dict[str, Any]:
+    config, state, accelerator, output_dir = run.config, run.state, run.accelerator, run.output_dir
+    best_dir = output_dir / BEST_CHECKPOINT_DIR
+    if state.best_step is None:  # the metric was never defined (e.g. no positive validation tag): keep the last model
+        logger.warning("Validation %s was never defined; exporting the last model.", run.metric)
+        save_checkpoint(accelerator.unwrap_model(run.model), run.feature_extractor, best_dir, config.lora)
+    for path in sorted(best_dir.iterdir()):
+        os.replace(path, output_dir / path.name)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    summary = training_summary(run)
+    atomic_write_json(output_dir / SUMMARY_FILE, summary)
+    eval_results, split_name = final_evaluation(run)
+    if config.baseline:
+        summary["baseline"] = baseline = fit_baseline(run.data, run.feature_extractor, config.seed)
+        atomic_write_json(output_dir / SUMMARY_FILE, summary)
+        accelerator.print(f"log-mel statistics baseline on the same split ({baseline['seconds']} s): "
+                          f"{baseline['metric']} {baseline['score']:.4f}")
+    result = {**summary, "output_dir": str(output_dir), "eval_results": eval_results, "finished": True,
+              "interrupted": None}
+    if config.merge:
+        result["merged_dir"] = str(merge_lora(output_dir, output_dir / MERGED_DIR))
+    where = (f"adapter in {output_dir}, merged model (for pipeline) in {result['merged_dir']}" if config.merge
+             else f"model in {output_dir}")
+    accelerator.print(f"best validation {run.metric} {state.best_metric} at step {state.best_step}; final "
+                      f"{split_name} {eval_results}; {where}")  # fmt: skip
+    return result
+
+
+def training_summary(run: FinetuneRun) -> dict[str, Any]:
+    """`training_summary.json`: what was trained, how, on what, and how well (the model card reads it)."""
+    config, state, data = run.config, run.state, run.data
+    num_labels = len(data.label2id)
+    trainable, total = run.trainable_parameters
+    return {
+        "format": "cat-hf-finetune/1",
+        "mode": config.mode,
+        "base_model": config.model,
+        "preset": None if config.model else config.preset,
+        "problem_type": data.problem_type,
+        "num_labels": num_labels,
+        "labels": [data.id2label[i] for i in range(num_labels)],
+        "loss": run.loss_kind,
+        "metric": run.metric,
+        "best_step": state.best_step,
+        "best_metric": state.best_metric,
+        "steps": state.step,
+        # passes over the training clips, as the pretraining summary counts them (not the loader restarts)
+        "epochs": round(state.step * config.batch_size * config.gradient_accumulation_steps
+                        * run.accelerator.num_processes / len(data.train), 3),
+        "train_runtime_s": round(state.train_seconds, 1),
+        "hardware": training.describe_hardware(run.accelerator),
+        "layer_decay": config.effective_layer_decay(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total,
+        "input_frames": run.feature_extractor.max_length,
+        "skipped_clips": state.skipped_files,
+        "data": data.summaries,
+        "history": state.history,
+        "config": config.to_dict(),
+        "versions": training.library_versions(),
+    }
+
+
+def final_evaluation(run: FinetuneRun) -> tuple[dict[str, Any], str]:
+    """Scores on whole clips (sliding windows) of the test set (else the validation set), from the exported
+    files, written to eval_results.json: (metrics, split name)."""
+    from .evaluation import evaluate_model
+    config, data, output_dir = run.config, run.data, run.output_dir
+    evaluation_set, split_name = (data.test, "test") if data.test is not None else (data.validation, "validation")
+    dataset_name = (config.test_data if data.test is not None else config.validation_data) or config.data
+    if config.lora:
+        evaluated, extractor = load_lora_model(output_dir), CATFeatureExtractor.from_pretrained(output_dir)
+    else:
+        evaluated, extractor = str(output_dir), None
+    results = evaluate_model(
+        evaluated, evaluation_set, feature_extractor=extractor, output_dir=output_dir, split=split_name,
+        batch_size=config.eval_batch_size or config.batch_size, dataset_name=str(dataset_name),
+    )  # fmt: skip
+    return results["metrics"], split_name
+
+
+def check_run_folder(config: FinetuneConfig) -> tuple[Path, Path | None]:
+    """(output_dir, the checkpoint to resume or None). A fresh run needs an empty output_dir, or
+    overwrite_output_dir (then the evaluation files of the model being replaced are removed); --resume needs a
+    complete checkpoint written with the same state-shaping settings."""
+    output_dir = Path(config.output_dir).expanduser()
+    checkpoint = find_resume_checkpoint(config.resume, Checkpoints(None, output_dir, config.keep_checkpoints))
+    check_resume_settings(checkpoint, config)
+    if checkpoint is None and output_dir.exists() and any(output_dir.iterdir()):
         if not config.overwrite_output_dir:
             raise FinetuneConfigError(
                 f"output_dir '{output_dir}' exists and is not empty; choose another output_dir or pass "
@@ -930,339 +1181,83 @@ def _prepare_output_dir(config: FinetuneConfig) -> Path:
             for stale in output_dir.glob(pattern):
                 logger.warning("--overwrite-output-dir: removing %s, an evaluation of the model being replaced.", stale)
                 stale.unlink()
-    return output_dir
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import transformers
-
-    from . import __version__
-
-    return {"cat_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "peft": peft.__version__}  # fmt: skip
+    return output_dir, checkpoint
 
 
 # ================================================================================================================
-# The run
+# 6. Command line
 
 
-def finetune(config: FinetuneConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Run a finetuning job end to end (see the module docstring); returns the training summary, with the final
-    evaluation under "eval_results" and the written folders under "output_dir" / "merged_dir"."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from .lora import (
-        LoraSettings,
-        add_lora,
-        count_parameters,
-        describe_trainable,
-        load_lora_model,
-        merge_lora,
-    )
-
-    if not isinstance(config, FinetuneConfig):
-        config = FinetuneConfig.from_dict(config)
-    config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    output_dir = _prepare_output_dir(config)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=list(config.report_to) or None,
-        project_dir=str(output_dir / LOGS_DIR),
-    )
-    set_seed(config.seed)
-    started = time.time()
-
-    # 1. Data --------------------------------------------------------------------------------------------------
-    feature_extractor = build_feature_extractor(config)
-    data = prepare_data(config, feature_extractor.sampling_rate)
-    num_labels = len(data.label2id)
-    loss_kind = config.loss if config.loss != "auto" else ("bce" if data.problem_type == MULTI_LABEL else "ce")
-    if loss_kind == "ce" and data.problem_type == MULTI_LABEL:
-        raise FinetuneConfigError("loss='ce' needs single-label data; multi-label tagging uses loss='bce' (or 'auto').")
-    metric = config.metric if config.metric != "auto" else ("mAP" if data.problem_type == MULTI_LABEL else "accuracy")
-    if metric == "accuracy" and data.problem_type == MULTI_LABEL:
-        raise FinetuneConfigError("metric='accuracy' needs single-label data; use metric='mAP' (or 'auto').")
-    accelerator.print(
-        f"data: {data.summaries['train']['num_clips']} training / {data.summaries['validation']['num_clips']} validation "
-        f"clips, {num_labels} labels, {data.problem_type}, loss {loss_kind}, metric {metric}"
-    )
-
-    # 2. Model -------------------------------------------------------------------------------------------------
-    model = build_model(config, data, say=accelerator.print)
-    num_layers = model.config.num_hidden_layers
-    if config.lora:
-        model = add_lora(model, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                             target_modules=list(config.lora_target_modules),
-                                             modules_to_save=list(config.lora_modules_to_save)), verbose=False)  # fmt: skip
-    elif config.linear_probe:
-        freeze_encoder(model)
-    accelerator.print(describe_trainable(model, config.mode.replace("_", " ")))
-    trainable, total = count_parameters(model)
-
-    # 3. Optimiser ---------------------------------------------------------------------------------------------
-    layer_decay = config.effective_layer_decay()
-    learning_rate = config.effective_learning_rate()
-    groups = build_param_groups(model, learning_rate=learning_rate, weight_decay=config.weight_decay,
-                                layer_decay=layer_decay, num_layers=num_layers, decay_stem=config.layer_decay_stem,
-                                lora_plus_ratio=config.lora_plus_ratio)  # fmt: skip
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-    )  # fmt: skip
-    min_ratio = config.min_learning_rate / learning_rate
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
-                                              min_ratio=min_ratio),
-    )  # fmt: skip
-
-    # 4. Loaders -----------------------------------------------------------------------------------------------
-    clip_samples = clip_samples_for(feature_extractor)
-    dataset_kwargs = dict(clip_samples=clip_samples, label2id=data.label2id, problem_type=data.problem_type,
-                          seed=config.seed, sampling_rate=feature_extractor.sampling_rate)  # fmt: skip
-    train_set = AudioClipDataset(data.train, train=True, **dataset_kwargs)
-    validation_set = AudioClipDataset(data.validation, train=False, **dataset_kwargs)
-    sampler_generator = torch.Generator().manual_seed(config.seed)
-    if config.balanced_sampling:
-        sampler = torch.utils.data.WeightedRandomSampler(
-            balanced_sample_weights(_tag_lists(data.train)), num_samples=config.samples_per_epoch or len(train_set),
-            replacement=True, generator=sampler_generator,
-        )  # fmt: skip
-    else:
-        sampler = torch.utils.data.RandomSampler(train_set, generator=sampler_generator)
-    loader_kwargs = dict(collate_fn=collate_skip_bad, num_workers=config.num_workers,
-                         persistent_workers=config.num_workers > 0)  # fmt: skip
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=config.batch_size, sampler=sampler, drop_last=len(sampler) >= config.batch_size,
-        **loader_kwargs,
-    )  # fmt: skip
-    validation_loader = torch.utils.data.DataLoader(
-        validation_set, batch_size=config.eval_batch_size or config.batch_size, shuffle=False, **loader_kwargs
-    )
-    model, optimizer, train_loader, validation_loader = accelerator.prepare(
-        model, optimizer, train_loader, validation_loader
-    )
-    # The scheduler is stepped by hand once per optimiser update (not per process, as a prepared one would be).
-    augmenter = Augmenter(AugmentationConfig(**config.augmentation_kwargs()), seed=config.seed + accelerator.process_index)
-    validator = Validator(metric, data.problem_type, num_labels, config.padding)
-    if config.report_to:
-        accelerator.init_trackers("finetune", config={k: v for k, v in dataclasses.asdict(config).items()
-                                                      if isinstance(v, (int, float, str, bool))})  # fmt: skip
-
-    # 5. Loop --------------------------------------------------------------------------------------------------
-    best_dir = output_dir / BEST_CHECKPOINT_DIR
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"step": None, metric: None}
-    step, epoch, running_loss, running_count = 0, 0, 0.0, 0
-    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
-    set_train_mode(model, accelerator, config.linear_probe)
-    accelerator.print(f"training {config.max_steps} steps, batch {config.batch_size} x {config.gradient_accumulation_steps} "
-                      f"accumulation x {accelerator.num_processes} process(es), layer decay {layer_decay}"
-                      + (", activation checkpointing" if config.activation_checkpointing else ""))  # fmt: skip
-    while step < config.max_steps:
-        train_set.set_epoch(epoch)
-        steps_before = step
-        for batch in train_loader:
-            if batch is None:  # every clip of the batch was unreadable
-                continue
-            waveforms = augmenter.waveforms(batch["waveform"], batch["length"])
-            features, mask = featurize(feature_extractor, waveforms, batch["length"], accelerator.device,
-                                       config.padding)
-            targets = make_targets(batch["labels"], num_labels, data.problem_type, config.label_smoothing)
-            features, targets, mask = augmenter.features(features, targets.to(features.device), mask)
-            with accelerator.accumulate(model):
-                logits = model(input_values=features, attention_mask=mask).logits
-                loss = compute_loss(logits, targets, loss_kind)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable_parameters, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running_loss += float(loss.detach())
-            running_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            if step % config.logging_steps == 0 or step == config.max_steps:
-                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]  # the base rate
-                accelerator.print(f"step {step}/{config.max_steps}  loss {running_loss / running_count:.4f}  "
-                                  f"lr {lr:.3g}  ({time.time() - started:.0f} s)")  # fmt: skip
-                accelerator.log({"train/loss": running_loss / running_count, "train/lr": lr}, step=step)
-                running_loss, running_count = 0.0, 0
-            if step % config.eval_steps == 0 or step == config.max_steps:
-                scores = validator(model, validation_loader, feature_extractor, accelerator)
-                set_train_mode(model, accelerator, config.linear_probe)
-                value = scores[metric]
-                improved = not math.isnan(value) and (best[metric] is None or value > best[metric])
-                history.append({"step": step, "epoch": epoch, **scores, "best": improved})
-                accelerator.print(f"step {step}: validation {metric} {value:.4f}" + ("  (best so far)" if improved else ""))
-                accelerator.log({f"validation/{k}": v for k, v in scores.items()}, step=step)
-                if improved:
-                    best = {"step": step, metric: value}
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        save_checkpoint(accelerator.unwrap_model(model), feature_extractor, best_dir, config.lora)
-            if step >= config.max_steps:
-                break
-        if step == steps_before:
-            raise CorpusError(
-                f"A whole pass over the {len(train_set)} training clips gave no usable batch ({train_set.num_skipped} "
-                "clips could not be decoded); check the audio files (check_audio / --check-audio lists them)."
-            )
-        epoch += 1
-    skipped = train_set.num_skipped + validation_set.num_skipped
-    accelerator.wait_for_everyone()
-    if config.report_to:
-        accelerator.end_training()
-
-    # 6. Export ------------------------------------------------------------------------------------------------
-    result: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        if best["step"] is None:  # the metric was never defined (e.g. no positive validation tag): keep the last model
-            logger.warning("Validation %s was never defined; exporting the last model.", metric)
-            save_checkpoint(accelerator.unwrap_model(model), feature_extractor, best_dir, config.lora)
-        for path in sorted(best_dir.iterdir()):
-            os.replace(path, output_dir / path.name)
-        shutil.rmtree(best_dir, ignore_errors=True)
-        summary = {
-            "format": "cat-hf-finetune/1",
-            "mode": config.mode,
-            "base_model": config.model,
-            "preset": None if config.model else config.preset,
-            "problem_type": data.problem_type,
-            "num_labels": num_labels,
-            "labels": [data.id2label[i] for i in range(num_labels)],
-            "loss": loss_kind,
-            "metric": metric,
-            "best_step": best["step"],
-            "best_metric": best[metric],
-            "steps": step,
-            # passes over the training clips, as the pretraining summary counts them (not the loader restarts)
-            "epochs": round(step * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-                            / len(data.train), 3),
-            "train_runtime_s": round(time.time() - started, 1),
-            "hardware": describe_hardware(accelerator),
-            "layer_decay": layer_decay,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "trainable_share": trainable / total,
-            "input_frames": feature_extractor.max_length,
-            "skipped_clips": skipped,
-            "data": data.summaries,
-            "history": history,
-            "config": dataclasses.asdict(config),
-            "versions": _versions(),
-        }
-        atomic_write_json(output_dir / SUMMARY_FILE, summary)
-
-        # Final scores on whole clips (sliding windows), with the exported files: a real round trip.
-        from .evaluation import evaluate_model
-
-        evaluation_set, split_name = (data.test, "test") if data.test is not None else (data.validation, "validation")
-        dataset_name = (config.test_data if data.test is not None else config.validation_data) or config.data
-        if config.lora:
-            evaluated = load_lora_model(output_dir)
-            extractor = CATFeatureExtractor.from_pretrained(output_dir)
-        else:
-            evaluated, extractor = str(output_dir), None
-        eval_results = evaluate_model(
-            evaluated, evaluation_set, feature_extractor=extractor, output_dir=output_dir, split=split_name,
-            batch_size=config.eval_batch_size or config.batch_size, dataset_name=str(dataset_name),
-        )  # fmt: skip
-        if config.baseline:
-            baseline = fit_baseline(data, feature_extractor, config.seed)
-            summary["baseline"] = baseline
-            atomic_write_json(output_dir / SUMMARY_FILE, summary)
-            accelerator.print(f"log-mel statistics baseline on the same split ({baseline['seconds']} s): "
-                              f"{baseline['metric']} {baseline['score']:.4f}")
-        result = {**summary, "output_dir": str(output_dir), "eval_results": eval_results["metrics"]}
-        if config.merge:
-            result["merged_dir"] = str(merge_lora(output_dir, output_dir / MERGED_DIR))
-        where = (f"adapter in {output_dir}, merged model (for pipeline) in {result['merged_dir']}" if config.merge
-                 else f"model in {output_dir}")
-        accelerator.print(f"best validation {metric} {best[metric]} at step {best['step']}; final {split_name} "
-                          f"{eval_results['metrics']}; {where}")  # fmt: skip
-    accelerator.wait_for_everyone()
-    return result
-
-
-# ================================================================================================================
-# Command line
+#: The flags beside --config, --resume, --allow-changed and --set, by group: field -> help.
+CLI_FLAGS = {
+    "data": {
+        "data": "training corpus: Hub dataset, audiofolder, path,tags CSV/JSONL, saved dataset",
+        "train_split": "split of --data to train on (default train)",
+        "validation_data": "separate validation corpus",
+        "validation_split": "split of --data (or --validation-data) to validate on",
+        "validation_size": "fraction or number of training clips held out for validation (default 0.1)",
+        "validation_group_by": "hold out whole groups (a column such as speaker, or folder:K, the K-th folder above "
+                               "each file) so that validation, which picks the best checkpoint, has unseen speakers "
+                               "or sources",
+        "test_data": "optional test corpus scored into eval_results.json",
+        "test_split": "split of --data (or --test-data) used as test set",
+        "audio_column": None,
+        "label_column": None,
+        "tags_separator": "separator of tags in a CSV tags column (default ',')",
+        "labels": "fixed comma-separated label list (class order)",
+        "problem_type": "auto: multi-label iff some clip has more than one tag",
+        "check_audio": "decode every file before training and list the unreadable ones",
+    },
+    "model": {
+        "model": "pretrained CAT folder or Hub id (omit to train --preset from scratch)",
+        "preset": "architecture for from-scratch training (cat-tiny ... cat-large)",
+        "feature_preset": "feature statistics and length of a CAT recipe",
+        "max_length": "input frames (multiple of 16)",
+        "padding": "longest (default): batches padded to their longest clip with an attention mask; max_length: every "
+                   "clip padded to --max-length, the paper recipes' way",
+        "drop_path_rate": None,
+    },
+    "optimisation": {
+        **dict.fromkeys(("max_steps", "warmup_steps", "learning_rate", "min_learning_rate", "lora_learning_rate",
+                         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "layer_decay", "batch_size",
+                         "gradient_accumulation_steps", "max_grad_norm", "label_smoothing", "mixup_alpha",
+                         "mixup_prob", "freq_mask_ratio", "time_mask_ratio", "samples_per_epoch", "eval_steps",
+                         "eval_batch_size", "seed", "num_workers", "logging_steps", "lora_r", "lora_alpha",
+                         "lora_dropout", "lora_plus_ratio")),
+        "threads": "torch CPU threads (one per process is fastest on a shared machine)",
+        "mixed_precision": None,
+        "loss": "auto: ce for single-label, bce for multi-label",
+        "metric": "best-checkpoint metric (auto: accuracy / mAP)",
+        "layer_decay_stem": "also decay the stem / CLS token (BEiT rule)",
+        "roll": "random circular time shift of the waveform",
+        "gain": "random waveform gain Beta(10,10)+0.5",
+        "noise": "feature noise + frame shift (Speech Commands recipe)",
+        "balanced_sampling": "draw clips with inverse-label-frequency weights",
+        "baseline": "also fit a log-mel-statistics logistic regression on the same split (default on)",
+        "activation_checkpointing": "recompute block activations in the backward pass (less memory)",
+        "linear_probe": "freeze the encoder; train fc_norm + classifier only",
+        "lora": "train LoRA adapters (see cat_hf.lora) + the head",
+        "merge": "with --lora: also write <output-dir>/merged, a plain model folder",
+        "lora_target_modules": "comma list (default q_proj,v_proj)",
+        "lora_modules_to_save": "modules trained in full and saved with the adapter (default fc_norm,classifier; add "
+                                "norm1,norm2 to also tune the blocks' LayerNorms)",
+    },
+    "run": {
+        "output_dir": "where the exported model goes (default ./cat-finetuned)",
+        "overwrite_output_dir": "write into an existing non-empty output folder",
+        "report_to": "trackers, e.g. tensorboard",
+        "save_every": "checkpoint the training state every N steps (0: only at the end and on a signal)",
+        "keep_checkpoints": "how many checkpoints to keep",
+        "stop_at_step": "end this session at this step with a checkpoint (continue with --resume)",
+    },
+}
+CLI_CHOICES = {"problem_type": PROBLEM_TYPES, "feature_preset": sorted(FEATURE_PRESETS), "padding": PADDINGS,
+               "mixed_precision": ("no", "fp16", "bf16"), "loss": LOSSES, "metric": METRICS}
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags override the recipe; a flag left out keeps the recipe's (or the default) value."""
-    S = argparse.SUPPRESS
-    parser.add_argument("--config", default=None, metavar="RECIPE",
-                        help="recipe YAML file or packaged name (tiny, as20k, as2m, esc50, spcv2)")
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", default=S, help="training corpus: Hub dataset, audiofolder, path,tags CSV/JSONL, saved dataset")
-    group.add_argument("--train-split", default=S, help="split of --data to train on (default train)")
-    group.add_argument("--validation-data", default=S, help="separate validation corpus")
-    group.add_argument("--validation-split", default=S, help="split of --data (or --validation-data) to validate on")
-    group.add_argument("--validation-size", type=_fraction_or_count, default=S,
-                       help="fraction or number of training clips held out for validation (default 0.1)")
-    group.add_argument("--validation-group-by", default=S, metavar="COLUMN|folder:K",
-                       help="hold out whole groups (a column such as speaker, or the K-th folder above each file) so "
-                            "that validation, which picks the best checkpoint, has unseen speakers or sources")
-    group.add_argument("--test-data", default=S, help="optional test corpus scored into eval_results.json")
-    group.add_argument("--test-split", default=S, help="split of --data (or --test-data) used as test set")
-    group.add_argument("--audio-column", default=S)
-    group.add_argument("--label-column", default=S)
-    group.add_argument("--tags-separator", default=S, help="separator of tags in a CSV tags column (default ',')")
-    group.add_argument("--labels", type=_comma_list, default=S, help="fixed comma-separated label list (class order)")
-    group.add_argument("--problem-type", choices=PROBLEM_TYPES, default=S,
-                       help="auto: multi-label iff some clip has more than one tag")
-    group.add_argument("--check-audio", action="store_true", default=S, help="decode every file before training and list the unreadable ones")
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=S, help="pretrained CAT folder or Hub id (omit to train --preset from scratch)")
-    group.add_argument("--preset", default=S, help="architecture for from-scratch training (cat-tiny ... cat-large)")
-    group.add_argument("--feature-preset", choices=sorted(FEATURE_PRESETS), default=S,
-                       help="feature statistics and length of a CAT recipe")
-    group.add_argument("--max-length", type=int, default=S, help="input frames (multiple of 16)")
-    group.add_argument("--padding", choices=PADDINGS, default=S,
-                       help="longest (default): batches padded to their longest clip with an attention mask; "
-                            "max_length: every clip padded to --max-length, the paper recipes' way")
-    group.add_argument("--drop-path-rate", type=float, default=S)
-    group = parser.add_argument_group("optimisation")
-    for flag, kind in (("--max-steps", int), ("--warmup-steps", int), ("--learning-rate", float),
-                       ("--min-learning-rate", float), ("--lora-learning-rate", float), ("--weight-decay", float), ("--adam-beta1", float),
-                       ("--adam-beta2", float), ("--adam-epsilon", float), ("--layer-decay", float),
-                       ("--batch-size", int), ("--gradient-accumulation-steps", int), ("--max-grad-norm", float),
-                       ("--label-smoothing", float), ("--mixup-alpha", float), ("--mixup-prob", float),
-                       ("--freq-mask-ratio", float), ("--time-mask-ratio", float), ("--samples-per-epoch", int),
-                       ("--eval-steps", int), ("--eval-batch-size", int), ("--seed", int), ("--num-workers", int),
-                       ("--logging-steps", int), ("--lora-r", int), ("--lora-alpha", int), ("--lora-dropout", float),
-                       ("--lora-plus-ratio", float), ("--threads", int)):  # fmt: skip
-        group.add_argument(flag, type=kind, default=S)
-    group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=S)
-    group.add_argument("--loss", choices=LOSSES, default=S, help="auto: ce for single-label, bce for multi-label")
-    group.add_argument("--metric", choices=METRICS, default=S, help="best-checkpoint metric (auto: accuracy / mAP)")
-    for name, help_text in (("layer-decay-stem", "also decay the stem / CLS token (BEiT rule)"),
-                            ("roll", "random circular time shift of the waveform"),
-                            ("gain", "random waveform gain Beta(10,10)+0.5"),
-                            ("noise", "feature noise + frame shift (Speech Commands recipe)"),
-                            ("balanced-sampling", "draw clips with inverse-label-frequency weights"),
-                            ("baseline", "also fit a log-mel-statistics logistic regression on the same split "
-                                         "(default on)"),
-                            ("activation-checkpointing", "recompute block activations in the backward pass (less memory)"),
-                            ("linear-probe", "freeze the encoder; train fc_norm + classifier only"),
-                            ("lora", "train LoRA adapters (see cat_hf.lora) + the head"),
-                            ("merge", "with --lora: also write <output-dir>/merged, a plain model folder"),
-                            ("overwrite-output-dir", "write into an existing non-empty output folder")):  # fmt: skip
-        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=S, help=help_text)
-    group.add_argument("--lora-target-modules", type=_comma_list, default=S, help="comma list (default q_proj,v_proj)")
-    group.add_argument("--lora-modules-to-save", type=_comma_list, default=S,
-                       help="modules trained in full and saved with the adapter (default fc_norm,classifier; "
-                            "add norm1,norm2 to also tune the blocks' LayerNorms)")  # fmt: skip
-    group.add_argument("--output-dir", default=S, help="where the exported model goes (default ./cat-finetuned)")
-    group.add_argument("--report-to", type=_comma_list, default=S, help="trackers, e.g. tensorboard")
+    add_config_arguments(parser, FinetuneConfig, CLI_FLAGS, choices=CLI_CHOICES)
     group = parser.add_argument_group("merge an existing adapter (no training)")
     group.add_argument("--merge-adapter", default=None, metavar="ADAPTER_DIR",
                        help="fold the LoRA adapter in ADAPTER_DIR into its base model, write --output-dir, and exit")
@@ -1270,38 +1265,27 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "one recorded in the adapter")  # fmt: skip
 
 
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _fraction_or_count(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value >= 1 and value.is_integer() else value
-
-
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    overrides = {name: getattr(args, name) for name in FinetuneConfig.field_names() if hasattr(args, name)}
-    if args.config:
-        return FinetuneConfig.from_yaml(args.config, **overrides)
-    return FinetuneConfig.from_dict(overrides, origin="the command line")
+    return parse_config(FinetuneConfig, args)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
         if args.merge_adapter:
-            from .lora import merge_lora
-
             output_dir = getattr(args, "output_dir", None) or f"{Path(args.merge_adapter).resolve().name}-merged"
             print(f"merged model written to {merge_lora(args.merge_adapter, output_dir, args.base_model)}")
             return 0
         result = finetune(config_from_args(args))
-    except (CorpusError, FinetuneConfigError) as err:
+    except CheckpointWriteError as err:  # disk full, ...: the message says what is intact
+        print(f"cat-hf finetune: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # bad settings or corpus (CorpusError, FinetuneConfigError): the message names the fix
         print(f"cat-hf finetune: error: {err}", file=sys.stderr)
         return 2
     if result:
-        print(json.dumps({k: result[k] for k in ("output_dir", "best_step", "best_metric", "eval_results")
-                          if k in result}, indent=2, default=str))  # fmt: skip
-    return 0
+        keys = ("output_dir", "best_step", "best_metric", "eval_results", "checkpoint", "interrupted")
+        print(json.dumps({k: result[k] for k in keys if result.get(k) is not None}, indent=2, default=str))
+    return training.exit_code(result.get("interrupted"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1310,28 +1294,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(parser.parse_args(argv))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 __all__ = [
     "FinetuneConfig",
     "FinetuneConfigError",
+    "FinetuneRun",
+    "FinetuneState",
     "PreparedData",
     "add_cli_arguments",
     "balanced_sample_weights",
     "build_feature_extractor",
+    "build_loaders",
     "build_model",
     "build_param_groups",
     "check_empty_class_folders",
     "check_known_labels",
+    "check_run_folder",
     "compute_loss",
-    "featurize",
+    "config_from_args",
+    "export",
     "finetune",
-    "layer_lr_scale",
     "make_targets",
     "prepare_data",
     "resolve_recipe",
     "run_cli",
+    "start_run",
+    "train",
+    "train_step",
+    "validate",
     "warmup_cosine",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

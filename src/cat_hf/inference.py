@@ -35,16 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import AudioDecodeError, is_audio_file, load_audio
+from .audio import AudioDecodeError, check_sampling_rate, is_audio_file, load_audio
 
 logger = logging.getLogger(__name__)
 
 MULTI_LABEL_PROBLEM_TYPE = "multi_label_classification"
 AGGREGATIONS = ("mean", "max")
-
-#: Lowest sampling rate taken for audio (telephone speech is 8 kHz; 1 kHz covers infrasound recorders); a lower one
-#: in a file header is refused by name instead of being resampled into hours of samples.
-MIN_SAMPLING_RATE = 1000
 
 # Kaldi-style filterbank framing of CAT's and AST's feature extractors, used when an extractor does not say.
 _DEFAULT_FRAME_LENGTH_MS = 25.0
@@ -387,26 +383,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")  # fmt: skip
 
 
-def check_sampling_rate(rate: float, source: str) -> None:
-    """AudioDecodeError for a rate below MIN_SAMPLING_RATE: a broken header, not audio. Resampled to the model's
-    rate, a few samples at 2 Hz would become hours of audio and thousands of windows (a run that seems to hang)."""
-    if rate < MIN_SAMPLING_RATE:
-        raise AudioDecodeError(
-            source, f"its sampling rate is {rate:g} Hz, below the {MIN_SAMPLING_RATE} Hz of any audio recording (the "
-            "header is wrong, or the data is not audio); write the file with its true rate"
-        )
-
-
-def _file_sampling_rate(path: Path) -> float | None:
-    """The rate in the file's header (libsndfile formats), or None where only decoding can tell."""
-    import soundfile
-
-    try:
-        return float(soundfile.info(str(path)).samplerate)
-    except (RuntimeError, TypeError, ValueError, OSError):
-        return None
-
-
 def _decoded_clips(
     files: list[Path], sampling_rate: int, errors: list[tuple[str, str]]
 ) -> Iterator[tuple[str, np.ndarray]]:
@@ -414,9 +390,6 @@ def _decoded_clips(
     and skipped."""
     for path in files:
         try:
-            rate = _file_sampling_rate(path)
-            if rate is not None:
-                check_sampling_rate(rate, f"'{path}'")
             yield str(path), load_audio(path, sampling_rate)
         except AudioDecodeError as err:
             errors.append((str(path), err.reason))
