@@ -450,7 +450,9 @@ def test_finetune_reports_the_log_mel_baseline_and_evaluate_refits_it(corpus, en
     # tones, noise and clicks differ in their spectra: log-mel statistics separate them
     assert baseline["metric"] == "accuracy" and baseline["score"] > 0.9 and baseline["split"] == "validation"
     assert json.loads((out / "training_summary.json").read_text())["baseline"] == baseline
-    assert CATFeatureExtractor.from_pretrained(out).padding == "longest"
+    extractor = CATFeatureExtractor.from_pretrained(out)
+    assert extractor.padding == "longest"  # whole clips reach the model, which scores long ones by windows of
+    assert json.loads((out / "config.json").read_text())["window_frames"] == extractor.max_length  # the training length
 
     from cat_hf.cli import main as cli
 

@@ -97,8 +97,8 @@ def test_window_plan_positions():
         10240,
     )
     assert plan.starts(1000) == [0] and plan.starts(WINDOW_SAMPLES) == [0]
-    # Regular hops, then one window aligned to the clip's end.
-    assert plan.starts(5 * RATE) == [0, 10240, 20480, 30720, 40960, 51200, 5 * RATE - WINDOW_SAMPLES]
+    # Regular hops, then one window ending on the clip's last whole frame (498 frames in 5 s: it starts at frame 370).
+    assert plan.starts(5 * RATE) == [0, 10240, 20480, 30720, 40960, 51200, 370 * 160]
     assert plan.starts(WINDOW_SAMPLES + 10240) == [0, 10240]  # ends exactly on a hop: no extra window
     with pytest.raises(WindowingError, match="hop_frames"):
         WindowPlan.for_feature_extractor(CATFeatureExtractor(max_length=MAX_FRAMES), hop_frames=129)
@@ -108,7 +108,7 @@ def test_predict_long_single_label_is_mean_of_softmax_windows(single_label_model
     model, feature_extractor = load_classifier(single_label_model)
     waveform = _tone_noise(5.0, RATE, seed=1)
     prediction = predict_long(model, feature_extractor, waveform, batch_size=3)
-    starts = [0, 10240, 20480, 30720, 40960, 51200, 5 * RATE - WINDOW_SAMPLES]
+    starts = [0, 10240, 20480, 30720, 40960, 51200, 370 * 160]
     np.testing.assert_allclose(prediction.window_starts, np.array(starts) / RATE)
     reference = _direct_window_probabilities(
         model, feature_extractor, [waveform[s : s + WINDOW_SAMPLES] for s in starts], multi_label=False
@@ -132,7 +132,7 @@ def test_predict_long_multi_label_is_max_of_sigmoid_windows(multi_label_model):
     model, feature_extractor = load_classifier(multi_label_model)
     waveform = _tone_noise(3.0, RATE, seed=2)
     prediction = predict_long(model, feature_extractor, waveform, hop_frames=100)
-    starts = [0, 16000, 3 * RATE - WINDOW_SAMPLES]
+    starts = [0, 16000, 170 * 160]  # 298 frames in 3 s: the last window starts at frame 170
     np.testing.assert_allclose(prediction.window_starts * RATE, starts)
     reference = _direct_window_probabilities(
         model, feature_extractor, [waveform[s : s + WINDOW_SAMPLES] for s in starts], multi_label=True
@@ -177,7 +177,7 @@ def test_model_agnostic_with_a_tiny_ast(tmp_path):
     assert type(model).__name__ == "ASTForAudioClassification"
     waveform = _tone_noise(2.0, RATE, seed=6)
     prediction = predict_long(model, feature_extractor, waveform)
-    starts = [0, 10240, 2 * RATE - WINDOW_SAMPLES]
+    starts = [0, 10240, 70 * 160]  # 198 frames in 2 s: the last window starts at frame 70
     reference = _direct_window_probabilities(
         model, feature_extractor, [waveform[s : s + WINDOW_SAMPLES] for s in starts], multi_label=False
     )
@@ -351,8 +351,9 @@ def test_evaluate_csv_multi_label(multi_label_model, tmp_path):
     assert results["problem_type"] == "multi_label_classification" and results["dataset"] == "tags"
     assert results["metrics"]["mAP"] == pytest.approx(average_precision_score(targets[:, scored], scores[:, scored]))
     assert results["excluded_classes"]["without_positives"] == ["car"]
-    long_clips = sum(load_audio(data / r, RATE).size > WINDOW_SAMPLES for r, _ in rows)
-    assert long_clips == 4 and results["window"]["aggregation"] == "max"
+    # clips of more than one window's frames (the 1.3-s clip has exactly 128 whole frames: one window)
+    long_clips = sum((load_audio(data / r, RATE).size - 400) // 160 + 1 > MAX_FRAMES for r, _ in rows)
+    assert long_clips == 3 and results["window"]["aggregation"] == "max"
     assert results["window"]["num_windowed_clips"] == long_clips
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert set(saved["metrics"]) == {"mAP", "mAUC", "d_prime"} and saved["metrics"]["mAP"] == results["metrics"]["mAP"]

@@ -96,3 +96,38 @@ def test_multi_label_models_score_with_sigmoid(tmp_path):
     for label in tags:
         assert result[label] == pytest.approx(expected[label], abs=1e-5)
     assert abs(sum(result.values()) - 1.0) > 1e-3  # independent probabilities, not a distribution
+
+
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification"])
+def test_long_clips_get_the_windowed_scores_of_evaluate_and_predict(tmp_path, problem_type):
+    # A model saved as `cat-hf finetune` saves it: trained on 128-frame windows (config.window_frames), with an
+    # extractor that keeps whole clips (padding="longest"). The pipeline then scores a 5-s clip by the same windows,
+    # aggregated by the same rule, as cat_hf.inference (what `cat-hf evaluate` and `cat-hf predict` run).
+    from cat_hf import CATConfig, CATFeatureExtractor, CATForAudioClassification
+    from cat_hf.inference import predict_long
+
+    torch.manual_seed(2)
+    tags = ["speech", "music", "engine"]
+    config = CATConfig.from_preset("cat-tiny", num_hidden_layers=1, id2label=dict(enumerate(tags)),
+                                   label2id={t: i for i, t in enumerate(tags)}, problem_type=problem_type,
+                                   window_frames=128)
+    CATForAudioClassification(config).save_pretrained(tmp_path)
+    CATFeatureExtractor(max_length=128, padding="longest").save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    audio = np.concatenate([tone(300, 2.0), 0.3 * rng.standard_normal(16000).astype(np.float32), tone(2000, 2.03)])
+    scores = as_dict(pipeline("audio-classification", model=str(tmp_path))(audio, top_k=3))
+
+    model = AutoModelForAudioClassification.from_pretrained(tmp_path).eval()
+    prediction = predict_long(model, AutoFeatureExtractor.from_pretrained(tmp_path), audio)
+    assert prediction.num_windows == 7 and np.ptp(prediction.window_probabilities[:, 0]) > 1e-3
+    for i, tag in enumerate(tags):
+        assert scores[tag] == pytest.approx(prediction.probabilities[i], abs=1e-5)
+    # a batch of a long and a short clip: each gets its own windows, the short one its plain forward
+    extractor = AutoFeatureExtractor.from_pretrained(tmp_path)
+    with torch.no_grad():
+        logits = model(**extractor([audio, audio[:8000]], sampling_rate=16000, return_tensors="pt")).logits
+        alone = model(**extractor(audio[:8000], sampling_rate=16000, return_tensors="pt")).logits
+    probabilities = logits.sigmoid() if problem_type.startswith("multi") else logits.softmax(-1)
+    short = alone.sigmoid() if problem_type.startswith("multi") else alone.softmax(-1)
+    np.testing.assert_allclose(probabilities[0].numpy(), prediction.probabilities, atol=1e-5)
+    torch.testing.assert_close(probabilities[1], short[0], atol=1e-5, rtol=1e-4)

@@ -77,6 +77,12 @@ class CATConfig(PreTrainedConfig):
         frame_shift_ms / frame_length_ms: hop and window of the input's fbank frames (Kaldi's 10 / 25 ms, as
             CATFeatureExtractor makes them for every CAT checkpoint). They place the model's outputs in time: see
             the time grid below.
+        window_frames / window_hop_frames: how `CATForAudioClassification` scores, in eval mode, an input longer
+            than `window_frames` (None: it does not; the input runs in one pass): windows of `window_frames` frames
+            every `window_hop_frames` (None: half a window), the last one ending at the clip's last real frame;
+            their probabilities (softmax, or sigmoid for multi-label) are averaged, or max-pooled for multi-label,
+            and returned as logits of those probabilities. `cat-hf finetune` sets it to its training length, so
+            `pipeline` on a long clip gives what `cat-hf evaluate` / `predict` give (`window_starts`).
         frame_label_hop_ms: hop of `CATForAudioFrameClassification`'s label grid; None is one time patch (160 ms).
             A finer hop (80, 40, 20, 10 ms: one that divides the patch hop) repeats each patch's logits.
         pooling: "cls" (the original's CLS_TOKEN mode), "mean" (mean of the patch tokens, MEAN_POOLING) or
@@ -131,6 +137,8 @@ class CATConfig(PreTrainedConfig):
     frame_shift_ms: float = 10.0
     frame_length_ms: float = 25.0
     frame_label_hop_ms: float | None = None
+    window_frames: int | None = None
+    window_hop_frames: int | None = None
     pooling: Literal["cls", "mean", "lin_softmax"] = "cls"
     use_fc_norm: bool = True
     classifier_norm_eps: float = 1e-6
@@ -233,6 +241,14 @@ class CATConfig(PreTrainedConfig):
                     f"time patch; use one that does (e.g. {self.time_patch_hop_ms / 4:g} or "
                     f"{self.time_patch_hop_ms / 16:g}), or None for one label frame per patch."
                 )
+        if self.window_frames is not None:
+            if not self.patch_size <= self.window_frames <= self.max_frames:
+                raise ValueError(f"window_frames={self.window_frames} must be between one patch ({self.patch_size}) and "
+                                 f"max_frames ({self.max_frames}), or None for one pass over the whole input.")
+            hop = self.window_hop_frames
+            if hop is not None and not 1 <= hop <= self.window_frames:
+                raise ValueError(f"window_hop_frames={hop} must be between 1 and window_frames "
+                                 f"({self.window_frames}) (a larger hop would skip audio), or None for half a window.")
         if self.num_extra_tokens < 1:
             raise ValueError("num_extra_tokens must be >= 1: the CLS (utterance) token is one of them.")
         if not 0.0 < self.mask_ratio < 1.0:

@@ -106,6 +106,7 @@ CONFIG_FILE = "finetune_config.yaml"
 BEST_CHECKPOINT_DIR = "checkpoint-best"
 MERGED_DIR = "merged"
 PROBLEM_TYPES = ("auto", SINGLE_LABEL, MULTI_LABEL)
+TASKS = ("clips", "events")
 LOSSES = ("auto", "ce", "bce")
 METRICS = ("auto", "accuracy", "mAP")
 PADDINGS = ("longest", "max_length")
@@ -201,6 +202,7 @@ class FinetuneConfig(RecipeConfig):
     tags_separator: str = ","
     labels: list[str] | None = None
     problem_type: str = "auto"
+    task: str = "clips"
     check_audio: bool = False
     # model
     model: str | None = None
@@ -297,6 +299,9 @@ class FinetuneConfig(RecipeConfig):
                 check_model_reference(self.model)
             except FileNotFoundError as error:
                 fail(f"model: {error}")
+        if self.task not in TASKS:
+            fail(f"task={self.task!r} is not one of {TASKS}: 'clips' learns clip labels, 'events' learns sound events "
+                 "from strong labels (path,onset,offset,label CSVs).")
         if self.problem_type not in PROBLEM_TYPES:
             fail(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}.")
         if self.loss not in LOSSES:
@@ -904,6 +909,10 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | os.PathLike) -> 
     why it stopped ("interrupted": the signal's name, or None). Other processes than the main one return {}."""
     config = FinetuneConfig.from_any(config)
     config.validate()
+    if config.task == "events":
+        from .sed import finetune_events
+
+        return finetune_events(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir, resume_from = check_run_folder(config)
@@ -933,7 +942,10 @@ def start_run(config: FinetuneConfig, accelerator: Any, output_dir: Path, resume
         f"data: {data.summaries['train']['num_clips']} training / {data.summaries['validation']['num_clips']} "
         f"validation clips, {len(data.label2id)} labels, {data.problem_type}, loss {loss_kind}, metric {metric}"
     )
-    model = adapt_model(config, build_model(config, data, say=accelerator.print), accelerator)
+    classifier = build_model(config, data, say=accelerator.print)
+    # longer clips are scored by windows of the training length, in `pipeline` as in `cat-hf evaluate` / `predict`
+    classifier.config.window_frames = feature_extractor.max_length
+    model = adapt_model(config, classifier, accelerator)
     counts = count_parameters(model)
     groups = build_param_groups(model, learning_rate=config.effective_learning_rate(),
                                 weight_decay=config.weight_decay, layer_decay=config.effective_layer_decay(),
@@ -1206,6 +1218,8 @@ CLI_FLAGS = {
         "tags_separator": "separator of tags in a CSV tags column (default ',')",
         "labels": "fixed comma-separated label list (class order)",
         "problem_type": "auto: multi-label iff some clip has more than one tag",
+        "task": "clips (default): clip labels; events: sound event detection from path,onset,offset,label CSVs "
+                "(cat_hf.sed: frame-level head, segment/event F1, test_events.csv)",
         "check_audio": "decode every file before training and list the unreadable ones",
     },
     "model": {

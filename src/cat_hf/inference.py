@@ -5,7 +5,8 @@ Audio classifiers are trained on clips of a fixed number of frames (the feature 
 
 1. the waveform (at the feature extractor's sampling rate) is cut into windows of `window_frames` feature frames
    (default: `feature_extractor.max_length`) every `hop_frames` frames (default: half a window); the last window
-   is moved back to end exactly at the end of the clip, so no window is mostly padding; a clip no longer than one
+   is moved back to end at the clip's last whole frame, so no window is mostly padding (`window_starts`, the rule
+   `CATForAudioClassification` applies to long inputs, so that `pipeline` gives the same scores); a clip no longer than one
    window is a single window (padded by the feature extractor as in training; a clip shorter than one 25 ms
    frame is first zero-padded to one frame);
 2. each window gets class probabilities: sigmoid of the logits for multi-label models
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from .audio import AudioDecodeError, check_sampling_rate, is_audio_file, load_audio
+from .modeling_cat import window_starts
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +115,12 @@ class WindowPlan:
         )
 
     def starts(self, num_samples: int) -> list[int]:
-        """Window start offsets for a clip of `num_samples` samples (one window when it fits in one)."""
-        if num_samples <= self.window_samples:
-            return [0]
-        last = num_samples - self.window_samples
-        starts = list(range(0, last + 1, self.hop_samples))
-        if starts[-1] != last:
-            starts.append(last)  # end-aligned final window instead of a mostly padded one
-        return starts
+        """Window start offsets in samples for a clip of `num_samples` samples: `window_starts` over its frames (one
+        window when it fits in one; the last ends at the clip's last whole frame), so that each window's fbank is
+        the whole clip's fbank rows that `CATForAudioClassification` windows over."""
+        frame_shift = self.hop_samples // self.hop_frames
+        num_frames = 1 + max(num_samples - self.frame_samples, 0) // frame_shift
+        return [start * frame_shift for start in window_starts(num_frames, self.window_frames, self.hop_frames)]
 
 
 @dataclass

@@ -822,8 +822,31 @@ def linear_softmax_pool(tokens: torch.Tensor, padding: torch.Tensor | None = Non
     return torch.nan_to_num(logit, nan=0.0, posinf=0.0, neginf=0.0).to(tokens.dtype)
 
 
+def window_starts(num_frames: int, window_frames: int, hop_frames: int) -> list[int]:
+    """First frame of each sliding window over a clip of `num_frames` frames: one every `hop_frames`, the last moved
+    back to end at the clip's last frame (no window is mostly padding); a single window when the clip fits in one.
+    The one windowing rule of cat-hf: `CATForAudioClassification` (so `pipeline`) and `cat_hf.inference` use it."""
+    if num_frames <= window_frames:
+        return [0]
+    last = num_frames - window_frames
+    starts = list(range(0, last + 1, hop_frames))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+#: Windows per encoder pass when a long input is scored by windows.
+WINDOW_BATCH_SIZE = 16
+
+
 class CATForAudioClassification(CATPreTrainedModel):
-    """CAT encoder + LayerNorm (fc_norm) + linear head on the pooled token (CLS by default)."""
+    """CAT encoder + LayerNorm (fc_norm) + linear head on the pooled token (CLS by default).
+
+    With `config.window_frames` set (`cat-hf finetune` sets its training length), an input longer than that is
+    scored in eval mode by sliding windows (`window_starts`) whose class probabilities are averaged (max for
+    multi-label models); the logits returned are those of the aggregated probabilities, so softmax / sigmoid of them,
+    as `pipeline` applies, gives the aggregate.
+    """
 
     def __init__(self, config: CATConfig):
         super().__init__(config)
@@ -849,12 +872,64 @@ class CATForAudioClassification(CATPreTrainedModel):
             (inferred from the labels when unset, as transformers does). Other keyword arguments (as PEFT and
             Trainer pass) go to the encoder and the loss, which ignore those they do not use.
         """
+        window = self.config.window_frames
+        if window is not None and not self.training and input_values.shape[-2] > window:
+            logits = self.windowed_logits(input_values, attention_mask)
+            loss = None if labels is None else self.compute_loss(logits, labels, **kwargs)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
         outputs = self.cat(input_values, attention_mask=attention_mask, return_dict=True, **kwargs)
         logits = self.classifier(self.fc_norm(outputs.pooler_output))
         loss = None if labels is None else self.compute_loss(logits, labels, **kwargs)
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+    @property
+    def multi_label(self) -> bool:
+        return self.config.problem_type == "multi_label_classification"
+
+    def window_probabilities(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+                             ) -> list[torch.Tensor]:
+        """Per clip, the (num_windows, num_labels) class probabilities of its sliding windows (`window_starts` over
+        its real frames; right-padded batches, as CATFeatureExtractor pads them)."""
+        config = self.config
+        window = config.window_frames or input_values.shape[-2]
+        hop = config.window_hop_frames or max(1, window // 2)
+        spectrogram = input_values.reshape(input_values.shape[0], -1, input_values.shape[-1])
+        frames = spectrogram.shape[1]
+        if attention_mask is None:
+            mask = torch.ones(spectrogram.shape[:2], dtype=torch.int64, device=spectrogram.device)
+        else:
+            _check_attention_mask_shape(attention_mask, spectrogram[:, None])
+            mask = attention_mask.to(torch.int64)
+            if bool((mask[:, 0] == 0).any()):
+                raise ValueError("attention_mask has padding before real frames; scoring long clips by windows needs "
+                                 "right-padded batches (real frames first, as CATFeatureExtractor pads them).")
+        windows, window_masks, owners = [], [], []
+        for row, length in enumerate(mask.sum(dim=1).tolist()):
+            for start in window_starts(int(length), window, hop):
+                end = min(start + window, frames)
+                windows.append(spectrogram[row, start:end])
+                window_masks.append(mask[row, start:end])
+                owners.append(row)
+        logits = torch.cat([
+            self.classifier(self.fc_norm(self.cat(
+                torch.stack(windows[i:i + WINDOW_BATCH_SIZE]),
+                attention_mask=torch.stack(window_masks[i:i + WINDOW_BATCH_SIZE]),
+            ).pooler_output))
+            for i in range(0, len(windows), WINDOW_BATCH_SIZE)
+        ]).float()
+        probabilities = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+        owners = torch.tensor(owners, device=probabilities.device)
+        return [probabilities[owners == row] for row in range(spectrogram.shape[0])]
+
+    def windowed_logits(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, num_labels) logits of the clips' window-aggregated probabilities: log of the mean for single-label
+        models (softmax gives the mean back), logit of the max for multi-label ones (sigmoid gives the max back)."""
+        per_clip = self.window_probabilities(input_values, attention_mask)
+        if self.multi_label:
+            return torch.logit(torch.stack([p.max(dim=0).values for p in per_clip]), eps=1e-7)
+        return torch.stack([p.mean(dim=0) for p in per_clip]).clamp(min=1e-30).log()
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         """transformers' classification loss (`self.loss_function`) in float32, plus soft targets: (batch, num_labels)
