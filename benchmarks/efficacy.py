@@ -366,10 +366,40 @@ def report(args: argparse.Namespace) -> str:
             lines.append(f"| finetune {key} (`{entry['encoder']}`, {entry['steps']} steps) | {entry['test']} | | | "
                          f"{entry['cpu_s']} CPU-s |")
         lines.append("")
+    lines[2:2] = headline(args, summary) + [""]
     write_json(args.output_dir / "summary.json", summary)
     text = "\n".join(lines) + "\n"
     (args.output_dir / "report.md").write_text(text, encoding="utf-8")
     return text
+
+
+def headline(args: argparse.Namespace, summary: dict[str, Any]) -> list[str]:
+    """One row per corpus: test accuracy of the baseline, the probes (the better pooling on validation) and the
+    finetuning runs, with the effective rank of each encoder's clip embeddings in brackets."""
+    def probe_cell(entry: dict[str, Any] | None) -> str:
+        if not entry:
+            return "-"
+        if "logmel" in entry or "teacher" in entry:
+            result = entry.get("logmel") or entry.get("teacher")
+            return f"{result['test']:.3f}"
+        pooling = max(POOLINGS, key=lambda p: entry[p]["validation"])
+        return f"{entry[pooling]['test']:.3f} ({pooling}, r {entry[pooling]['effective_rank']:.1f})"
+
+    names = list(encoder_runs(args))
+    teachers = [f"teacher-{t}" for t in args.teachers]
+    header = (["corpus", "log-mel + LR", "init probe"] + [f"`{n}` probe" for n in names] + teachers
+              + [f"{m} {s}" for m in args.finetune_modes for s in ("init", "pretrained")])
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in summary.items():
+        probes, tunes = entry["probes"], entry["finetune"]
+        cells = [name, probe_cell(probes.get("logmel")), probe_cell(probes.get("init"))]
+        cells += [probe_cell(probes.get(n)) for n in names] + [probe_cell(probes.get(t)) for t in teachers]
+        for mode in args.finetune_modes:
+            for start in ("init", "pretrained"):
+                tune = tunes.get(f"{mode}-{start}")
+                cells.append(f"{tune['test']:.3f}" if tune and tune.get("test") is not None else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return ["Test accuracy (probe pooling chosen on validation; r = effective rank of its clip embeddings):", ""] + rows
 
 
 def _corpus(text: str) -> tuple[str, Path]:

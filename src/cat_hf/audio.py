@@ -146,6 +146,18 @@ def check_sampling_rate(rate: float, source: str) -> None:
         )
 
 
+def check_mono_clip(samples: np.ndarray, what: str) -> np.ndarray:
+    """`samples` when it is a non-empty 1-D waveform; else a ValueError naming `what` ("clip 3") and the fix."""
+    if samples.ndim != 1:
+        raise ValueError(
+            f"{what} has shape {tuple(samples.shape)}; every clip must be a 1-D mono waveform (downmix "
+            "multi-channel audio first, e.g. x.mean(axis=0) for (channels, samples))."
+        )
+    if samples.size == 0:
+        raise ValueError(f"{what} is empty (0 samples); drop it or pass real audio.")
+    return samples
+
+
 def audio_info(source: AudioSource) -> AudioInfo:
     """Read rate, length and channel count from the header only (cheap corpus checks).
 
@@ -271,13 +283,7 @@ def _decode_with_ffmpeg(payload: str | bytes, name: str, sndfile_error: BaseExce
     command = [ffmpeg, "-nostdin", "-v", "error", "-i", source_arg, "-map", "0:a:0", "-f", "f32le",
                "-acodec", "pcm_f32le", "-ar", str(sampling_rate), "-ac", str(channels), "pipe:1"]  # fmt: skip
     try:
-        result = subprocess.run(
-            command,
-            input=payload if isinstance(payload, bytes) else None,
-            capture_output=True,
-            timeout=_FFMPEG_TIMEOUT_S,
-            check=False,
-        )
+        result = _run_on_payload(command, payload)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise AudioDecodeError(name, f"{reason}; ffmpeg failed too ({err})") from sndfile_error
     if result.returncode != 0 or not result.stdout:
@@ -298,13 +304,7 @@ def _ffmpeg_stream_params(payload: str | bytes) -> tuple[int, int] | None:
     command = [ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
                "-of", "csv=p=0", "pipe:0" if isinstance(payload, bytes) else payload]  # fmt: skip
     try:
-        result = subprocess.run(
-            command,
-            input=payload if isinstance(payload, bytes) else None,
-            capture_output=True,
-            timeout=_FFMPEG_TIMEOUT_S,
-            check=False,
-        )
+        result = _run_on_payload(command, payload)
     except (OSError, subprocess.TimeoutExpired):
         return None
     fields = result.stdout.decode("utf-8", "replace").strip().split(",")
@@ -315,6 +315,13 @@ def _ffmpeg_stream_params(payload: str | bytes) -> tuple[int, int] | None:
     except ValueError:
         return None
     return (sampling_rate, channels) if sampling_rate > 0 and channels > 0 else None
+
+
+def _run_on_payload(command: list[str], payload: str | bytes) -> subprocess.CompletedProcess[bytes]:
+    """Runs ffmpeg / ffprobe on `payload` (a path that `command` names, or bytes fed to its stdin), output captured,
+    for at most `_FFMPEG_TIMEOUT_S`."""
+    return subprocess.run(command, input=payload if isinstance(payload, bytes) else None, capture_output=True,
+                          timeout=_FFMPEG_TIMEOUT_S, check=False)
 
 
 def _clean_sndfile_message(err: BaseException) -> str:

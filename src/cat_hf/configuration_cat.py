@@ -1,3 +1,4 @@
+# Copyright 2025 The cat-hf developers. Licensed under the Apache License, Version 2.0.
 """CAT model configuration.
 
 Every architecture choice of the authors' code is a field here, named as transformers names it, so that a
@@ -22,22 +23,12 @@ RRLossType = Literal["mse", "cosine", "l1"]
 # Named architectures. cat-base is the paper's main model (88.8 M parameters with the multi-resolution stem).
 CAT_PRESETS: dict[str, dict] = {
     # A CPU-sized model for the demo, tests and the tiny recipes.
-    "cat-tiny": dict(
-        hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-        stem_channels=[64, 128], stem_depths=[1, 1],
-    ),
-    "cat-small": dict(
-        hidden_size=384, num_hidden_layers=11, num_attention_heads=6,
-        stem_channels=[256, 384], stem_depths=[2, 2],
-    ),
-    "cat-base": dict(
-        hidden_size=768, num_hidden_layers=11, num_attention_heads=12,
-        stem_channels=[256, 384], stem_depths=[2, 2],
-    ),
-    "cat-large": dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-        stem_channels=[256, 384], stem_depths=[2, 2],
-    ),
+    "cat-tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+                     stem_channels=[64, 128], stem_depths=[1, 1]),
+    # The others have the paper's stem: CATConfig's default stem_channels and stem_depths.
+    "cat-small": dict(hidden_size=384, num_hidden_layers=11, num_attention_heads=6),
+    "cat-base": dict(hidden_size=768, num_hidden_layers=11, num_attention_heads=12),
+    "cat-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
 }
 
 
@@ -199,15 +190,11 @@ class CATConfig(PreTrainedConfig):
                               ("rr_view", ("masked", "full"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {allowed}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                f"({self.num_attention_heads}); choose a head count that divides it."
-            )
-        if self.num_mel_bins % self.patch_size != 0:
-            raise ValueError(
-                f"num_mel_bins ({self.num_mel_bins}) must be a multiple of patch_size ({self.patch_size})."
-            )
+        for size, parts in (("hidden_size", "num_attention_heads"), ("num_mel_bins", "patch_size"),
+                            ("hidden_size", "decoder_groups")):
+            if getattr(self, size) % getattr(self, parts) != 0:
+                raise ValueError(f"{size} ({getattr(self, size)}) is not divisible by {parts} "
+                                 f"({getattr(self, parts)}); choose values where {parts} divides {size}.")
         if self.stem_type == "multires":
             stages = len(self.stem_strides)
             if stages < 1:
@@ -259,10 +246,6 @@ class CATConfig(PreTrainedConfig):
             raise ValueError(
                 f"average_top_k_layers ({self.average_top_k_layers}) must be between 1 and num_hidden_layers "
                 f"({self.num_hidden_layers}), or None for all blocks."
-            )
-        if self.hidden_size % self.decoder_groups != 0:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by decoder_groups ({self.decoder_groups})."
             )
 
     @property

@@ -860,7 +860,8 @@ class _SharedCounters:
 
 
 class _ClipMixin:
-    """Decoding, cropping, labelling and skip accounting shared by the map-style and iterable datasets."""
+    """Construction, decoding, cropping, labelling and skip accounting shared by the map-style and iterable datasets
+    (each checks and converts its corpus in `_prepare`)."""
 
     clip_samples: int | None
     label2id: dict[str, int] | None
@@ -871,16 +872,19 @@ class _ClipMixin:
     max_warnings: int
     _counters: _SharedCounters
 
-    def _setup(
+    def __init__(
         self,
+        corpus: Any,
+        *,
         clip_samples: int | None,
-        label2id: Mapping[str, int] | None,
-        problem_type: str | None,
-        train: bool,
-        seed: int,
-        sampling_rate: int,
-        max_warnings: int,
-    ) -> None:
+        label2id: Mapping[str, int] | None = None,
+        problem_type: str | None = None,
+        train: bool = True,
+        seed: int = 0,
+        sampling_rate: int = DEFAULT_SAMPLING_RATE,
+        max_warnings: int = 10,
+    ):
+        self.corpus, problem_type = self._prepare(corpus, label2id, problem_type)
         if clip_samples is not None and clip_samples <= 0:
             raise ValueError(f"clip_samples must be a positive number of samples or None, got {clip_samples}.")
         if problem_type not in (None, SINGLE_LABEL, MULTI_LABEL):
@@ -893,6 +897,11 @@ class _ClipMixin:
         self.sampling_rate = int(sampling_rate)
         self.max_warnings = max_warnings
         self._counters = _SharedCounters()
+
+    @staticmethod
+    def _prepare(corpus: Any, label2id: Mapping[str, int] | None, problem_type: str | None) -> tuple[Any, str | None]:
+        """(the corpus as this dataset reads it, the problem type); subclasses check and convert."""
+        raise NotImplementedError
 
     @property
     def num_skipped(self) -> int:
@@ -979,7 +988,7 @@ def _resolve_problem_type(corpus: Any, label2id: Mapping[str, int] | None, probl
     raise ValueError("Pass problem_type when label2id is given with a corpus that is not a datasets.Dataset.")
 
 
-class AudioClipDataset(torch.utils.data.Dataset, _ClipMixin):
+class AudioClipDataset(_ClipMixin, torch.utils.data.Dataset):
     """Map-style training/evaluation dataset: decoded 16 kHz clips of a fixed length, with labels.
 
     Item `i` is `{"waveform": float32 (clip_samples,), "labels": long scalar | float32 multi-hot, "index": i,
@@ -991,18 +1000,9 @@ class AudioClipDataset(torch.utils.data.Dataset, _ClipMixin):
     `set_epoch(epoch)` at the start of every epoch.
     """
 
-    def __init__(
-        self,
-        corpus: datasets.Dataset | Sequence[Mapping[str, Any]],
-        *,
-        clip_samples: int | None,
-        label2id: Mapping[str, int] | None = None,
-        problem_type: str | None = None,
-        train: bool = True,
-        seed: int = 0,
-        sampling_rate: int = DEFAULT_SAMPLING_RATE,
-        max_warnings: int = 10,
-    ):
+    @staticmethod
+    def _prepare(corpus: datasets.Dataset | Sequence[Mapping[str, Any]], label2id: Mapping[str, int] | None,
+                 problem_type: str | None) -> tuple[Any, str | None]:
         if isinstance(corpus, datasets.Dataset):
             if AUDIO_COLUMN not in corpus.column_names:
                 raise CorpusError(
@@ -1011,9 +1011,7 @@ class AudioClipDataset(torch.utils.data.Dataset, _ClipMixin):
                 )
             wanted = [c for c in (AUDIO_COLUMN, LABELS_COLUMN) if c in corpus.column_names]
             corpus = _as_undecoded_audio(corpus.select_columns(wanted)).with_format(None)
-        self.corpus = corpus
-        self._setup(clip_samples, label2id, _resolve_problem_type(corpus, label2id, problem_type), train, seed,
-                    sampling_rate, max_warnings)  # fmt: skip
+        return corpus, _resolve_problem_type(corpus, label2id, problem_type)
 
     def __len__(self) -> int:
         return len(self.corpus)
@@ -1023,7 +1021,7 @@ class AudioClipDataset(torch.utils.data.Dataset, _ClipMixin):
         return self._make_item(self.corpus[index], index, (self.epoch, index))
 
 
-class IterableAudioClipDataset(torch.utils.data.IterableDataset, _ClipMixin):
+class IterableAudioClipDataset(_ClipMixin, torch.utils.data.IterableDataset):
     """Streaming counterpart of `AudioClipDataset` over a `datasets.IterableDataset` (or any iterable of rows).
 
     Unreadable clips are left out of the stream (and counted). `index` is the row's position in this worker's
@@ -1032,18 +1030,9 @@ class IterableAudioClipDataset(torch.utils.data.IterableDataset, _ClipMixin):
     itself; other iterables are dealt out round-robin.
     """
 
-    def __init__(
-        self,
-        corpus: datasets.IterableDataset | Iterable[Mapping[str, Any]],
-        *,
-        clip_samples: int | None,
-        label2id: Mapping[str, int] | None = None,
-        problem_type: str | None = None,
-        train: bool = True,
-        seed: int = 0,
-        sampling_rate: int = DEFAULT_SAMPLING_RATE,
-        max_warnings: int = 10,
-    ):
+    @staticmethod
+    def _prepare(corpus: datasets.IterableDataset | Iterable[Mapping[str, Any]], label2id: Mapping[str, int] | None,
+                 problem_type: str | None) -> tuple[Any, str | None]:
         if label2id is not None and problem_type is None:
             raise ValueError(
                 "Pass problem_type with label2id for a streaming corpus (build_label_maps on a streamed corpus would "
@@ -1051,8 +1040,7 @@ class IterableAudioClipDataset(torch.utils.data.IterableDataset, _ClipMixin):
             )
         if isinstance(corpus, (datasets.Dataset, datasets.IterableDataset)):
             corpus = _as_undecoded_audio(corpus)
-        self.corpus = corpus
-        self._setup(clip_samples, label2id, problem_type, train, seed, sampling_rate, max_warnings)
+        return corpus, problem_type
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

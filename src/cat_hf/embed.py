@@ -38,7 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,46 @@ def _read_existing_shard(path: Path, shard: int, shard_size: int, num_examples: 
     }
 
 
+def _pending_batches(
+    reader: _ClipReader,
+    done: Mapping[int, Any],
+    num_shards: int,
+    shard_size: int,
+    batch_size: int,
+    max_shards: int | None,
+    num_workers: int,
+    progress: bool,
+) -> Iterator[tuple[int, list[tuple[int, np.ndarray, str]], list[dict[str, Any]], bool]]:
+    """The clips of the shards not `done` (the first `max_shards` of them), decoded by one DataLoader for the whole
+    run (its workers start once) in batches that never straddle two shards, under a progress bar. Yields
+    `(shard, readable, unreadable, shard_complete)`: readable clips as (index, waveform, source), unreadable ones
+    (logged) as {"index", "source", "reason"}, and whether this batch was the shard's last."""
+    num_examples = len(reader)
+    todo = [k for k in range(num_shards) if k not in done]
+    if max_shards is not None:
+        todo = todo[: max(0, int(max_shards))]
+    batches: list[list[int]] = []
+    batch_shards: list[int] = []
+    for shard in todo:
+        indices = list(_shard_range(shard, shard_size, num_examples))
+        for first in range(0, len(indices), batch_size):
+            batches.append(indices[first : first + batch_size])
+            batch_shards.append(shard)
+    loader = torch.utils.data.DataLoader(reader, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate)
+    bar = _progress_bar(sum(len(batch) for batch in batches), progress)
+    for position, batch in enumerate(loader):
+        shard = batch_shards[position]
+        readable = [(i, w, source) for i, w, source, _ in batch if w is not None]
+        unreadable = []
+        for i, w, source, reason in batch:
+            if w is None:
+                logger.warning("Skipping clip #%d %s: %s", i, source, reason)
+                unreadable.append({"index": i, "source": source, "reason": reason})
+        yield shard, readable, unreadable, position + 1 == len(batches) or batch_shards[position + 1] != shard
+        bar.update(len(batch))
+    bar.close()
+
+
 def embed_corpus(
     corpus: Any,
     encoder: str | Mapping[str, Any] | ExternalEncoder,
@@ -281,38 +321,20 @@ def embed_corpus(
     _write_index(folder, settings, entries)
 
     max_samples = None if max_seconds is None else round(max_seconds * INPUT_SAMPLING_RATE)
-    todo = [k for k in range(num_shards) if k not in entries]
-    if max_shards is not None:
-        todo = todo[: max(0, int(max_shards))]
-    bar = _progress_bar(sum(len(_shard_range(k, shard_size, num_examples)) for k in todo), progress)
-    # One loader for the whole run (workers start once); batches never straddle two shards.
-    batches: list[list[int]] = []
-    batch_shards: list[int] = []
-    for shard in todo:
-        indices = list(_shard_range(shard, shard_size, num_examples))
-        for first in range(0, len(indices), batch_size):
-            batches.append(indices[first : first + batch_size])
-            batch_shards.append(shard)
-    loader = torch.utils.data.DataLoader(
-        _ClipReader(dataset, max_samples), batch_sampler=batches, num_workers=num_workers, collate_fn=_collate
-    )
     computed = 0
     rows: list[torch.Tensor] = []
     kept: list[int] = []
     failures: list[dict[str, Any]] = []
-    for position, batch in enumerate(loader):
-        shard = batch_shards[position]
-        good = [(i, w) for i, w, _, _ in batch if w is not None]
-        for i, w, source, reason in batch:
-            if w is None:
-                logger.warning("Skipping clip #%d %s: %s", i, source, reason)
-                failures.append({"index": i, "source": source, "reason": reason})
+    for shard, good, failed, shard_done in _pending_batches(
+        _ClipReader(dataset, max_samples), entries, num_shards, shard_size, batch_size, max_shards, num_workers,
+        progress,
+    ):
+        failures += failed
         if good:
-            embeddings = encoder([w for _, w in good], sampling_rate=INPUT_SAMPLING_RATE)
+            embeddings = encoder([w for _, w, _ in good], sampling_rate=INPUT_SAMPLING_RATE)
             rows.append(embeddings.detach().to("cpu", torch.float32))
-            kept += [i for i, _ in good]
-        bar.update(len(batch))
-        if position + 1 < len(batches) and batch_shards[position + 1] == shard:
+            kept += [i for i, _, _ in good]
+        if not shard_done:
             continue
         # The shard is complete: write it, then record it in the index.
         indices = _shard_range(shard, shard_size, num_examples)
@@ -329,7 +351,6 @@ def embed_corpus(
         _write_index(folder, settings, entries)
         computed += 1
         rows, kept, failures = [], [], []
-    bar.close()
 
     failed = [f for k in sorted(entries) for f in entries[k]["_failures"]]
     return EmbedReport(
@@ -517,30 +538,13 @@ def embed_audio(
     reused = len(entries)
     _write_output_index(folder, settings, entries, complete=False)
 
-    todo = [k for k in range(num_shards) if k not in entries]
-    if max_shards is not None:
-        todo = todo[: max(0, int(max_shards))]
-    bar = _progress_bar(sum(len(_shard_range(k, shard_size, num_examples)) for k in todo), progress)
-    batches: list[list[int]] = []
-    batch_shards: list[int] = []
-    for shard in todo:
-        indices = list(_shard_range(shard, shard_size, num_examples))
-        for first in range(0, len(indices), batch_size):
-            batches.append(indices[first : first + batch_size])
-            batch_shards.append(shard)
-    loader = torch.utils.data.DataLoader(
-        _ClipReader(dataset, None, embedder.sampling_rate), batch_sampler=batches, num_workers=num_workers,
-        collate_fn=_collate,
-    )
     computed = 0
     part = _PartBuilder(frames)
-    for position, batch in enumerate(loader):
-        shard = batch_shards[position]
-        good = [(i, w, source) for i, w, source, _ in batch if w is not None]
-        for i, w, source, reason in batch:
-            if w is None:
-                logger.warning("Skipping clip #%d %s: %s", i, source, reason)
-                part.failures.append({"index": i, "source": source, "reason": reason})
+    for shard, good, failed, shard_done in _pending_batches(
+        _ClipReader(dataset, None, embedder.sampling_rate), entries, num_shards, shard_size, batch_size, max_shards,
+        num_workers, progress,
+    ):
+        part.failures += failed
         if good:
             waves = [w for _, w, _ in good]
             if frames:
@@ -552,14 +556,12 @@ def embed_audio(
                 vectors = embedder.clip_embeddings(waves, sampling_rate=embedder.sampling_rate)
                 for row, (i, w, source) in enumerate(good):
                     part.add(i, source, len(w) / embedder.sampling_rate, vectors[row : row + 1], None)
-        bar.update(len(batch))
-        if position + 1 < len(batches) and batch_shards[position + 1] == shard:
+        if not shard_done:
             continue
         entries[shard] = part.save(parts / PART_PATTERN.format(shard), shard, settings["embedding_dim"])
         _write_output_index(folder, settings, entries, complete=False)
         computed += 1
         part = _PartBuilder(frames)
-    bar.close()
 
     if len(entries) == num_shards:
         _assemble(folder, settings, entries, frames, output_format)

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .audio import check_mono_clip
 from .configuration_cat import CATConfig
 from .feature_extraction_cat import (
     CATFeatureExtractor,
@@ -565,18 +566,7 @@ def _split_clips(audio: AudioBatch) -> list[np.ndarray]:
         )
     if not items:
         raise ValueError("no audio given (a batch of 0 clips); pass at least one waveform.")
-    clips = []
-    for index, item in enumerate(items):
-        samples = _as_float32_samples(item, f"clip {index}")
-        if samples.ndim != 1:
-            raise ValueError(
-                f"clip {index} has shape {tuple(samples.shape)}; every clip must be a 1-D mono waveform (downmix "
-                "multi-channel audio first, e.g. x.mean(axis=0) for (channels, samples))."
-            )
-        if samples.size == 0:
-            raise ValueError(f"clip {index} is empty (0 samples); drop it or pass real audio.")
-        clips.append(samples)
-    return clips
+    return [check_mono_clip(_as_float32_samples(item, f"clip {i}"), f"clip {i}") for i, item in enumerate(items)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

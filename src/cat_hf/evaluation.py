@@ -279,9 +279,12 @@ def evaluate_model(
         results["baseline"] = _fit_baseline(baseline, model_or_path, eval_set, scored, targets, label2id, multi_label,
                                             feature_extractor)
     if output_dir is not None:
-        results["files"] = _write_outputs(
-            Path(output_dir), results, computed, eval_set, targets, scores, scored, num_windows, id2label, multi_label
-        )
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with folder_lock(output_dir):  # evaluations run side by side into one folder each keep their result
+            results["files"] = _write_outputs(
+                output_dir, results, computed, eval_set, targets, scores, scored, num_windows, id2label, multi_label
+            )
     return results
 
 
@@ -357,24 +360,6 @@ def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
 
 
 def _write_outputs(
-    output_dir: Path,
-    results: dict[str, Any],
-    computed: dict,
-    eval_set: EvalSet,
-    targets: np.ndarray,
-    scores: np.ndarray,
-    scored: np.ndarray,
-    num_windows: np.ndarray,
-    id2label: dict[int, str],
-    multi_label: bool,
-) -> dict[str, str]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with folder_lock(output_dir):  # evaluations run side by side into one folder each keep their result
-        return _write_result_files(output_dir, results, computed, eval_set, targets, scores, scored, num_windows,
-                                   id2label, multi_label)
-
-
-def _write_result_files(
     output_dir: Path,
     results: dict[str, Any],
     computed: dict,

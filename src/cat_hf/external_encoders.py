@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
+from .audio import check_mono_clip
 from .embedding_cache import EmbeddingCache
 from .teachers import TEACHERS, load_embedder, teacher_names
 
@@ -77,15 +78,7 @@ def _as_waveform_list(waveforms: Waveforms) -> list[np.ndarray]:
     for i, clip in enumerate(waveforms):
         if isinstance(clip, torch.Tensor):
             clip = clip.detach().to("cpu", torch.float32).numpy()
-        clip = np.asarray(clip, dtype=np.float32)
-        if clip.ndim != 1:
-            raise ValueError(
-                f"Waveform {i} has shape {clip.shape}; external encoders take mono 1-D clips, mix channels "
-                "down to mono first."
-            )
-        if clip.size == 0:
-            raise ValueError(f"Waveform {i} is empty; drop empty clips before encoding them.")
-        clips.append(np.ascontiguousarray(clip))
+        clips.append(np.ascontiguousarray(check_mono_clip(np.asarray(clip, dtype=np.float32), f"waveform {i}")))
     if not clips:
         raise ValueError("Got an empty batch of waveforms; pass at least one clip.")
     return clips

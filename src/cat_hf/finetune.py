@@ -912,7 +912,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | os.PathLike) -> 
     if config.task == "events":
         from .sed import finetune_events
 
-        return finetune_events(config)
+        return finetune_events(config, build_feature_extractor(config), check_run_folder(config)[0])
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir, resume_from = check_run_folder(config)

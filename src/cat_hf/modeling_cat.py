@@ -1,3 +1,4 @@
+# Copyright 2025 The cat-hf developers. Licensed under the Apache License, Version 2.0.
 """PyTorch CAT (Convolutional Audio Transformer).
 
 CAT encodes a log-mel spectrogram with a multi-resolution convolutional stem (ConvMAE-style CBlocks at
@@ -839,14 +840,10 @@ def window_starts(num_frames: int, window_frames: int, hop_frames: int) -> list[
 WINDOW_BATCH_SIZE = 16
 
 
-class CATForAudioClassification(CATPreTrainedModel):
-    """CAT encoder + LayerNorm (fc_norm) + linear head on the pooled token (CLS by default).
-
-    With `config.window_frames` set (`cat-hf finetune` sets its training length), an input longer than that is
-    scored in eval mode by sliding windows (`window_starts`) whose class probabilities are averaged (max for
-    multi-label models); the logits returned are those of the aggregated probabilities, so softmax / sigmoid of them,
-    as `pipeline` applies, gives the aggregate.
-    """
+class CATClassifierBase(CATPreTrainedModel):
+    """The CAT encoder (`cat`) with the classifiers' head: `fc_norm` (LayerNorm, or Identity without
+    `config.use_fc_norm`) and a linear `classifier` to `config.num_labels` logits. The clip and the frame classifier
+    differ only in what they feed it; these attribute names are the state-dict keys of every saved checkpoint."""
 
     def __init__(self, config: CATConfig):
         super().__init__(config)
@@ -857,6 +854,16 @@ class CATForAudioClassification(CATPreTrainedModel):
         )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+
+class CATForAudioClassification(CATClassifierBase):
+    """CAT encoder + LayerNorm (fc_norm) + linear head on the pooled token (CLS by default).
+
+    With `config.window_frames` set (`cat-hf finetune` sets its training length), an input longer than that is
+    scored in eval mode by sliding windows (`window_starts`) whose class probabilities are averaged (max for
+    multi-label models); the logits returned are those of the aggregated probabilities, so softmax / sigmoid of them,
+    as `pipeline` applies, gives the aggregate.
+    """
 
     @can_return_tuple
     def forward(
@@ -944,21 +951,11 @@ class CATForAudioClassification(CATPreTrainedModel):
         return self.loss_function(labels, logits, self.config, **kwargs)
 
 
-class CATForAudioFrameClassification(CATPreTrainedModel):
+class CATForAudioFrameClassification(CATClassifierBase):
     """CAT encoder + a per-frame head for sound event detection: the frequency tokens of every time patch are
     averaged, normalised (fc_norm) and projected to `num_labels` logits, one row per 160 ms patch; with
     `config.frame_label_hop_ms` finer than the patch hop, each patch's logits are repeated on that label grid.
     The loss is multi-label BCE over the frames of real (not padded) patches."""
-
-    def __init__(self, config: CATConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.cat = CATModel(config)
-        self.fc_norm = (
-            nn.LayerNorm(config.hidden_size, eps=config.classifier_norm_eps) if config.use_fc_norm else nn.Identity()
-        )
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
 
     @can_return_tuple
     def forward(

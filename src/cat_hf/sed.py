@@ -33,6 +33,7 @@ import torch
 
 from .audio import DEFAULT_SAMPLING_RATE, load_audio
 from .files import atomic_write_json, atomic_write_text
+from .training import samples_for_frames
 
 STRONG_COLUMNS = ("path", "onset", "offset", "label")
 THRESHOLD = 0.5
@@ -202,26 +203,22 @@ def _training_window(wave: np.ndarray, targets: np.ndarray, config: Any, window_
     hop = int(DEFAULT_SAMPLING_RATE * config.time_patch_hop_ms / 1000)
     patches = window_frames // config.patch_size
     start = int(rng.integers(0, max(len(targets) // repeats - patches, 0) + 1))
-    from .training import samples_for_frames
-
     samples = samples_for_frames(window_frames, DEFAULT_SAMPLING_RATE)
     return wave[start * hop:start * hop + samples], targets[start * repeats:(start + patches) * repeats]
 
 
-def finetune_events(config: Any) -> dict[str, Any]:
-    """`cat-hf finetune --task events`: train, select on validation segment F1, test, save (module docstring)."""
+def finetune_events(config: Any, extractor: Any, output_dir: Path) -> dict[str, Any]:
+    """`cat-hf finetune --task events` (`config`: its FinetuneConfig; `extractor`: the feature extractor it built;
+    `output_dir`: the run folder it checked): train, select on validation segment F1, test, save (module docstring)."""
     from accelerate.utils import set_seed
 
-    from .finetune import build_feature_extractor
     from .configuration_cat import CATConfig
-    from .finetune import check_run_folder
     from .modeling_cat import CATForAudioFrameClassification
     from .optimization import adamw, build_param_groups, warmup_cosine_schedule
 
     if config.threads:
         torch.set_num_threads(config.threads)
     set_seed(config.seed)
-    output_dir, _ = check_run_folder(config)
     splits = {"train": read_strong_labels(config.data)}
     for split, source in (("validation", config.validation_data), ("test", config.test_data)):
         if source:
@@ -236,7 +233,6 @@ def finetune_events(config: Any) -> dict[str, Any]:
         model = CATForAudioFrameClassification.from_pretrained(config.model, ignore_mismatched_sizes=True, **head)
     else:
         model = CATForAudioFrameClassification(CATConfig.from_preset(config.preset, **head))
-    extractor = build_feature_extractor(config)
     window = extractor.max_length
     waves = {clip: load_audio(clip, extractor.sampling_rate) for split in splits.values() for clip in split}
     repeats = model.config.frame_label_repeats
