@@ -112,3 +112,19 @@ def test_pretrain_command_line():
     assert (config.batch_size, config.output_dir) == (recipe.batch_size, recipe.output_dir)  # the rest: the recipe's
     with pytest.raises(SystemExit):
         _parser(pretrain_arguments).parse_args(["--config", "tiny", "--max-steps", "many"])
+
+
+def test_a_requested_tracker_that_is_not_installed_is_named(caplog):
+    import importlib.util
+
+    from cat_hf.training import warn_missing_trackers
+
+    missing = next(name for name in ("wandb", "comet_ml", "aim") if importlib.util.find_spec(name) is None)
+    with caplog.at_level("WARNING", logger="cat_hf.training"):
+        warn_missing_trackers([missing])
+    assert missing in caplog.text and "metrics.jsonl" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cat_hf.training"):
+        warn_missing_trackers("tensorboard")  # installed with the dev extra
+        warn_missing_trackers(None)
+    assert caplog.text == ""

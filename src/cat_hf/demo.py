@@ -165,7 +165,7 @@ def clear_previous_run(workdir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_demo(workdir: Path, *, pretrain_steps: int = 500, finetune_steps: int = 400, clips_per_class: int = 40,
+def run_demo(workdir: Path, *, pretrain_steps: int = 300, finetune_steps: int = 300, clips_per_class: int = 40,
              seed: int = 0) -> dict:
     """Run every step in `workdir`; returns the timings and results it printed.
 
@@ -263,8 +263,8 @@ def run_demo(workdir: Path, *, pretrain_steps: int = 500, finetune_steps: int = 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="keep everything here (default: a temporary folder, removed at the end); "
                                           "the demo writes only its own folders there")
-    parser.add_argument("--pretrain-steps", type=int, default=500)
-    parser.add_argument("--finetune-steps", type=int, default=400)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--clips-per-class", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),

@@ -10,6 +10,7 @@ micro-batch, process) (`derive_seed`); a resumed run skips the batches its check
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import signal
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .checkpoints import TrainState
 from .training_config import RecipeConfig
+
+logger = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: int) -> int:
@@ -159,6 +162,7 @@ def make_accelerator(*, mixed_precision: str, gradient_accumulation_steps: int, 
     # Several processes but no GPU (`torchrun --nproc_per_node 2 -m cat_hf.pretrain ...`): Accelerate only joins
     # them into one gloo data-parallel run when told to use the CPU.
     cpu_data_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    warn_missing_trackers(log_with)
     return Accelerator(
         cpu=cpu_data_parallel,
         mixed_precision=mixed_precision,
@@ -171,6 +175,19 @@ def make_accelerator(*, mixed_precision: str, gradient_accumulation_steps: int, 
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(logging_dir or project_dir)),
     )
+
+
+def warn_missing_trackers(log_with: Any) -> None:
+    """Accelerate leaves out a requested tracker that is not installed without a word: say so (the run goes on,
+    logging to metrics.jsonl)."""
+    from accelerate.tracking import get_available_trackers
+
+    requested = [log_with] if isinstance(log_with, str) else list(log_with or [])
+    available = {getattr(tracker, "value", str(tracker)) for tracker in get_available_trackers()}
+    missing = [name for name in requested if isinstance(name, str) and name != "all" and name not in available]
+    if missing:
+        logger.warning("Tracker(s) %s requested but not installed: this run logs to metrics.jsonl only (TensorBoard: "
+                       "pip install \"cat-hf[train]\"; or set report_to to none).", missing)
 
 
 def release_accelerator(accelerator: Any) -> None:
