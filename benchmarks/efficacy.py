@@ -204,23 +204,15 @@ def export_init(args: argparse.Namespace) -> Path:
 @torch.inference_mode()
 def encoder_features(folder: Path, corpus: Corpus) -> dict[str, dict[str, np.ndarray]]:
     """{pooling: {split: (N, D)}}: clip embeddings of whole clips (CLS, and the mean of the real patch tokens), both
-    from one pass of `CATEmbedder` (its `clip_embeddings` computes one pooling; this is its loop, for both)."""
+    from one pass of the model."""
     from cat_hf.embeddings import CATEmbedder
 
-    embedder = CATEmbedder.from_pretrained(folder, pooling="mean", chunk_seconds=PROBE_CHUNK_SECONDS)
+    embedder = CATEmbedder.from_pretrained(folder, chunk_seconds=PROBE_CHUNK_SECONDS)
     out: dict[str, dict[str, np.ndarray]] = {pooling: {} for pooling in POOLINGS}
     for split in SPLITS:
-        clips = embedder._prepare(corpus.waves(split), DEFAULT_SAMPLING_RATE)
-        plans = [embedder.plan_clip(clip.num_frames) for clip in clips]
-        sums = {p: torch.zeros(len(clips), embedder.model.config.hidden_size, dtype=torch.float64) for p in POOLINGS}
-        counts = torch.zeros(len(clips), dtype=torch.float64)
-        for index, step, cls_token, patches in embedder._run(clips, plans):
-            lo, hi = step.keep
-            sums["cls"][index] += cls_token.double() * (hi - lo)
-            sums["mean"][index] += patches[lo - step.first_patch:hi - step.first_patch].double().sum(0)
-            counts[index] += hi - lo
-        for pooling in POOLINGS:
-            out[pooling][split] = (sums[pooling] / counts[:, None]).float().numpy()
+        for pooling, embeddings in embedder.pooled_clip_embeddings(corpus.waves(split), DEFAULT_SAMPLING_RATE,
+                                                                   POOLINGS).items():
+            out[pooling][split] = embeddings.numpy()
     return out
 
 

@@ -132,6 +132,11 @@ def test_clip_embeddings_are_the_plain_forward(tiny):
     averaged = (outputs.hidden_states[0] + outputs.hidden_states[1])[:, 0] / 2
     torch.testing.assert_close(clip_embeddings(model, extractor, waves, RATE, layer=[0, 1]), averaged,
                                atol=1e-5, rtol=1e-5)
+    both = CATEmbedder(model, extractor).pooled_clip_embeddings(waves, RATE)  # one pass, every pooling
+    torch.testing.assert_close(both["cls"], outputs.last_hidden_state[:, 0])
+    torch.testing.assert_close(both["mean"], expected_mean, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="poolings"):
+        CATEmbedder(model, extractor).pooled_clip_embeddings(waves, RATE, ("max",))
 
 
 def test_ten_minute_clip_timestamps_and_passes_equal_whole_clip_fbank(tiny):

@@ -341,19 +341,28 @@ class CATEmbedder:
 
     def clip_embeddings(self, audio: AudioBatch, sampling_rate: int | None = None) -> torch.Tensor:
         """(B, clip_embedding_size) float32 embeddings, on CPU."""
+        return self.pooled_clip_embeddings(audio, sampling_rate, (self.pooling,))[self.pooling]
+
+    def pooled_clip_embeddings(self, audio: AudioBatch, sampling_rate: int | None = None,
+                               poolings: Sequence[Pooling] = _POOLING_MODES) -> dict[str, torch.Tensor]:
+        """{pooling: (B, size) float32 embeddings on CPU} for several poolings from one pass of the model (e.g. to
+        compare CLS and mean pooling in a probe)."""
+        unknown = [p for p in poolings if p not in _POOLING_MODES]
+        if unknown or not poolings:
+            raise ValueError(f"poolings={tuple(poolings)!r}: use one or more of {_POOLING_MODES}.")
         clips = self._prepare(audio, sampling_rate)
         plans = [self.plan_clip(clip.num_frames) for clip in clips]
-        size = self.clip_embedding_size
-        sums = torch.zeros(len(clips), size, dtype=torch.float64)
+        sizes = {"cls": self.model.config.hidden_size, "mean": self.frame_embedding_size}
+        sums = {p: torch.zeros(len(clips), sizes[p], dtype=torch.float64) for p in poolings}
         counts = torch.zeros(len(clips), dtype=torch.float64)
         for index, step, cls_token, patches in self._run(clips, plans):
             lo, hi = step.keep
-            if self.pooling == "cls":
-                sums[index] += cls_token.double() * (hi - lo)
-            else:
-                sums[index] += patches[lo - step.first_patch : hi - step.first_patch].double().sum(0)
+            if "cls" in sums:
+                sums["cls"][index] += cls_token.double() * (hi - lo)
+            if "mean" in sums:
+                sums["mean"][index] += patches[lo - step.first_patch : hi - step.first_patch].double().sum(0)
             counts[index] += hi - lo
-        return (sums / counts[:, None]).float()
+        return {p: (total / counts[:, None]).float() for p, total in sums.items()}
 
     def frame_embeddings(self, audio: AudioBatch, sampling_rate: int | None = None) -> FrameEmbeddings:
         """Frame embeddings every `hop_ms` with their timestamps (see `FrameEmbeddings`), on CPU."""

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import DEFAULT_SAMPLING_RATE, load_audio
+from .audio import load_audio
 from .files import atomic_write_json, atomic_write_text
 from .training import samples_for_frames
 
@@ -197,13 +197,14 @@ def _write_events(path: Path, predicted: Mapping[Path, Sequence[Event]], root: P
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _training_window(wave: np.ndarray, targets: np.ndarray, config: Any, window_frames: int, repeats: int,
+def _training_window(wave: np.ndarray, targets: np.ndarray, config: Any, extractor: Any, repeats: int,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random patch-aligned crop of `window_frames` frames and its label rows."""
-    hop = int(DEFAULT_SAMPLING_RATE * config.time_patch_hop_ms / 1000)
-    patches = window_frames // config.patch_size
+    """A random patch-aligned crop of the extractor's `max_length` frames and its label rows."""
+    rate, shift_ms, length_ms = extractor.sampling_rate, extractor.frame_shift_ms, extractor.frame_length_ms
+    hop = config.patch_size * int(rate * shift_ms / 1000)
+    patches = extractor.max_length // config.patch_size
     start = int(rng.integers(0, max(len(targets) // repeats - patches, 0) + 1))
-    samples = samples_for_frames(window_frames, DEFAULT_SAMPLING_RATE)
+    samples = samples_for_frames(extractor.max_length, rate, length_ms, shift_ms)
     return wave[start * hop:start * hop + samples], targets[start * repeats:(start + patches) * repeats]
 
 
@@ -233,7 +234,6 @@ def finetune_events(config: Any, extractor: Any, output_dir: Path) -> dict[str, 
         model = CATForAudioFrameClassification.from_pretrained(config.model, ignore_mismatched_sizes=True, **head)
     else:
         model = CATForAudioFrameClassification(CATConfig.from_preset(config.preset, **head))
-    window = extractor.max_length
     waves = {clip: load_audio(clip, extractor.sampling_rate) for split in splits.values() for clip in split}
     repeats = model.config.frame_label_repeats
     targets = {clip: frame_targets(events, math.ceil(extractor.num_frames(len(waves[clip])) / model.config.patch_size)
@@ -251,7 +251,7 @@ def finetune_events(config: Any, extractor: Any, output_dir: Path) -> dict[str, 
     for step in range(1, config.max_steps + 1):
         model.train()
         picks = rng.choice(len(train_clips), size=min(config.batch_size, len(train_clips)), replace=False)
-        crops = [_training_window(waves[train_clips[i]], targets[train_clips[i]], model.config, window, repeats, rng)
+        crops = [_training_window(waves[train_clips[i]], targets[train_clips[i]], model.config, extractor, repeats, rng)
                  for i in picks]
         inputs = extractor([wave for wave, _ in crops], sampling_rate=extractor.sampling_rate, padding="longest",
                            truncation=True, return_attention_mask=True, return_tensors="pt")
